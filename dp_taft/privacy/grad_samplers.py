@@ -1,0 +1,80 @@
+"""Per-sample gradient and norm samplers registered with Opacus.
+
+Importing this module registers, keyed by exact layer class (Opacus matches classes
+exactly; an unregistered subclass silently falls back to functorch):
+
+* :class:`~dp_taft.tangent.layerscale.DeltaScale` (the tangent model's Δγ of LayerScale)
+  and timm's ``LayerScale`` (its γ, for the non-linear NLFT baseline);
+* timm's ``LayerNorm`` subclass, with Opacus' own ``nn.LayerNorm`` sampler (same maths);
+* norm samplers for all of the above and for ``nn.LayerNorm``, so that
+  ``grad_sample_mode="ghost"`` has a registered rule for every trainable layer.
+
+The tangent model's ``nn.Linear`` Δ layers use Opacus' built-in Linear samplers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import timm.layers
+import torch
+import torch.nn as nn
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
+
+from ..tangent.layerscale import DeltaScale
+
+__all__ = ["compute_scale_grad_sample", "EXACT_LAYER_TYPES"]
+
+GradSamples = dict[nn.Parameter, torch.Tensor]
+Sampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], GradSamples]
+
+
+def _scale_parameter(layer: nn.Module) -> nn.Parameter:
+    return layer.weight if isinstance(layer, DeltaScale) else layer.gamma
+
+
+@register_grad_sampler([DeltaScale, timm.layers.LayerScale])
+def compute_scale_grad_sample(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> GradSamples:
+    """Per-sample gradient of a channel scale y = x ⊙ s: Σ over all but batch and channel of g ⊙ x.
+
+    Shapes: activations[0] and backprops (B, ..., C); result (B, C).
+    """
+    param = _scale_parameter(layer)
+    if not param.requires_grad:
+        return {}
+    x = activations[0].to(backprops.dtype)
+    return {param: sum_over_all_but_batch_and_last_n(backprops * x, 1)}
+
+
+register_grad_sampler(timm.layers.LayerNorm)(compute_layer_norm_grad_sample)
+
+
+def _norm_sampler_from(grad_sampler: Sampler) -> Sampler:
+    """Norm sampler that materializes the (small, per-channel) per-sample gradient.
+
+    For scales and LayerNorm affine parameters the per-sample gradient has only C
+    entries per example, so computing it and taking its norm is as cheap as any
+    ghost trick and exactly equal to it.
+    """
+
+    def norm_sampler(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> GradSamples:
+        return {
+            p: g.reshape(g.shape[0], -1).norm(2, dim=1)
+            for p, g in grad_sampler(layer, activations, backprops).items()
+        }
+
+    return norm_sampler
+
+
+register_norm_sampler([DeltaScale, timm.layers.LayerScale])(_norm_sampler_from(compute_scale_grad_sample))
+register_norm_sampler([nn.LayerNorm, timm.layers.LayerNorm])(_norm_sampler_from(compute_layer_norm_grad_sample))
+
+#: Layer classes whose per-sample gradients Opacus computes exactly with a registered
+#: sampler after this module is imported (used to refuse silent functorch fallback).
+EXACT_LAYER_TYPES: frozenset[type[nn.Module]] = frozenset(
+    {nn.Linear, nn.LayerNorm, timm.layers.LayerNorm, timm.layers.LayerScale, DeltaScale}
+)

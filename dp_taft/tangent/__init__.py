@@ -1,0 +1,31 @@
+"""Dual-stream tangent modules: one per layer kind, and the timm ViT conversion."""
+
+from .activation import TangentGELU
+from .attention import TangentAttention
+from .block import TangentBlock
+from .dual import Tangent, add_tangents
+from .layernorm import TangentLayerNorm
+from .layerscale import DeltaScale, TangentLayerScale
+from .linear import TangentLinear
+from .mlp import TangentMlp
+from .registry import UnsupportedModelError, register_tangent, supported_types, to_tangent
+from .vit import TangentViT, linearize
+
+__all__ = [
+    "DeltaScale",
+    "Tangent",
+    "TangentAttention",
+    "TangentBlock",
+    "TangentGELU",
+    "TangentLayerNorm",
+    "TangentLayerScale",
+    "TangentLinear",
+    "TangentMlp",
+    "TangentViT",
+    "UnsupportedModelError",
+    "add_tangents",
+    "linearize",
+    "register_tangent",
+    "supported_types",
+    "to_tangent",
+]
