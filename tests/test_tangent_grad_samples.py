@@ -165,3 +165,45 @@ def test_ghost_equals_hooks():
         results[mode] = dp_update(tangent.train(), x, y, mode, clip=1e-3)
     assert torch.cat([u.flatten() for u in results["hooks"].values()]).norm() > 0
     assert_grads_close(results["ghost"], results["hooks"])
+
+
+def test_per_sample_only_mode_skips_summed_grad_and_keeps_grad_samples():
+    model = make_vit(init_values=0.3)
+    x = images(model, n=6)
+    y = torch.arange(6) % model.num_classes
+    runs = {}
+    for skip in (False, True):
+        tangent = dp_taft.linearize(model, blocks=2).train()
+        randomize_deltas(tangent, scale=0.05)
+        gs_model = GradSampleModule(tangent, loss_reduction="sum")
+        if skip:
+            with dp_taft.tangent.per_sample_gradients_only(tangent):
+                per_example_loss(gs_model(x), y, "ce").sum().backward()
+        else:
+            per_example_loss(gs_model(x), y, "ce").sum().backward()
+        runs[skip] = {n: (p.grad, p.grad_sample) for n, p in tangent.named_parameters() if p.requires_grad}
+        delta_linear = [m for m in tangent.modules() if isinstance(m, dp_taft.tangent.DeltaLinear)]
+        assert delta_linear and all(m.summed_grad for m in delta_linear)  # restored on exit
+    assert_grads_close({n: v[1] for n, v in runs[True].items()}, {n: v[1] for n, v in runs[False].items()}, rtol=1e-12)
+    for name, (summed, _) in runs[True].items():
+        is_linear = name.endswith((".qkv.delta.weight", ".qkv.delta.bias", ".proj.delta.weight", ".proj.delta.bias",
+                                   ".fc1.delta.weight", ".fc1.delta.bias", ".fc2.delta.weight", ".fc2.delta.bias",
+                                   "head.delta.weight", "head.delta.bias"))
+        assert (summed is None) == is_linear, name
+        assert runs[False][name][0] is not None, name
+
+
+def test_hooks_dp_step_same_with_per_sample_only():
+    model = make_vit()
+    x = images(model, n=8)
+    y = torch.arange(8) % model.num_classes
+    updates = []
+    for skip in (False, True):
+        tangent = dp_taft.linearize(model, blocks=2).train()
+        randomize_deltas(tangent, scale=0.05)
+        if skip:
+            with dp_taft.tangent.per_sample_gradients_only(tangent):
+                updates.append(dp_update(tangent, x, y, "hooks", clip=1e-3))
+        else:
+            updates.append(dp_update(tangent, x, y, "hooks", clip=1e-3))
+    assert_grads_close(updates[1], updates[0], rtol=1e-12)

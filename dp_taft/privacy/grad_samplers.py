@@ -6,10 +6,11 @@ exactly; an unregistered subclass silently falls back to functorch):
 * :class:`~dp_taft.tangent.layerscale.DeltaScale` (the tangent model's Δγ of LayerScale)
   and timm's ``LayerScale`` (its γ, for the non-linear NLFT baseline);
 * timm's ``LayerNorm`` subclass, with Opacus' own ``nn.LayerNorm`` sampler (same maths);
+* :class:`~dp_taft.tangent.linear.DeltaLinear` (the tangent model's ΔW, Δb), with Opacus'
+  own ``nn.Linear`` grad and ghost-norm samplers (same parameters, same maths);
 * norm samplers for all of the above and for ``nn.LayerNorm``, so that
   ``grad_sample_mode="ghost"`` has a registered rule for every trainable layer.
 
-The tangent model's ``nn.Linear`` Δ layers use Opacus' built-in Linear samplers.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch
 import torch.nn as nn
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
 from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 
 from ..tangent.layerscale import DeltaScale
+from ..tangent.linear import DeltaLinear
 
 __all__ = ["compute_scale_grad_sample", "EXACT_LAYER_TYPES"]
 
@@ -51,6 +54,8 @@ def compute_scale_grad_sample(
 
 
 register_grad_sampler(timm.layers.LayerNorm)(compute_layer_norm_grad_sample)
+register_grad_sampler(DeltaLinear)(compute_linear_grad_sample)
+register_norm_sampler(DeltaLinear)(compute_linear_norm_sample)
 
 
 def _norm_sampler_from(grad_sampler: Sampler) -> Sampler:
@@ -76,5 +81,5 @@ register_norm_sampler([nn.LayerNorm, timm.layers.LayerNorm])(_norm_sampler_from(
 #: Layer classes whose per-sample gradients Opacus computes exactly with a registered
 #: sampler after this module is imported (used to refuse silent functorch fallback).
 EXACT_LAYER_TYPES: frozenset[type[nn.Module]] = frozenset(
-    {nn.Linear, nn.LayerNorm, timm.layers.LayerNorm, timm.layers.LayerScale, DeltaScale}
+    {nn.Linear, DeltaLinear, nn.LayerNorm, timm.layers.LayerNorm, timm.layers.LayerScale, DeltaScale}
 )

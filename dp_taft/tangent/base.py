@@ -24,7 +24,8 @@ class DeltaLeaf(nn.Module):
     """A tangent module that owns Δ parameters in a child named ``delta``.
 
     Subclasses set ``delta`` to a module of a class Opacus can sample exactly
-    (``nn.Linear``, ``nn.LayerNorm`` or :class:`~dp_taft.tangent.layerscale.DeltaScale`)
+    (:class:`~dp_taft.tangent.linear.DeltaLinear`, ``nn.LayerNorm`` or
+    :class:`~dp_taft.tangent.layerscale.DeltaScale`)
     and ``delta_names``: Δ parameter name in ``delta`` -> parameter name in the
     source layer. ``source`` is the source layer's path in the original model.
     """
