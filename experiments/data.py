@@ -1,0 +1,342 @@
+"""Data sets and backbones for the experiments.
+
+Two layers:
+
+* Offline default (no network, ever): Fashion-MNIST read from Debian's
+  ``dataset-fashion-mnist`` package, split into a *public* task (classes 0-4,
+  used for non-private pretraining) and a *private* task (classes 5-9,
+  fine-tuned with DP through a fresh 5-way head), plus the small timm ViT
+  architecture pretrained on the public task (see ``experiments.pretrain``).
+* Real data sets for users with network: torchvision CIFAR-10/100 and
+  Fashion-MNIST resized to a timm model's input size, and
+  ``create_backbone`` wrapping ``timm.create_model`` (optionally loading the
+  weights from a local file instead of downloading them).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import timm
+import torch
+from timm.models import VisionTransformer
+from torch.utils.data import Dataset, TensorDataset
+
+__all__ = [
+    "DEFAULT_FMNIST_DIR",
+    "FMNIST_CLASS_NAMES",
+    "FMNIST_ENV_VAR",
+    "PUBLIC_CLASSES",
+    "PRIVATE_CLASSES",
+    "PUBLIC_MEAN",
+    "PUBLIC_STD",
+    "DefaultTask",
+    "FashionMNISTArrays",
+    "create_backbone",
+    "default_model",
+    "default_task",
+    "load_fashion_mnist",
+    "load_image_dataset",
+    "model_normalisation",
+    "read_idx",
+]
+
+DEFAULT_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_ENV_VAR = "DP_TAFT_FMNIST_DIR"
+FMNIST_CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+PUBLIC_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
+PRIVATE_CLASSES: tuple[int, ...] = (5, 6, 7, 8, 9)
+
+# Mean and std of the pixel values (scaled to [0, 1]) over the 30,000 *public*
+# training images (classes 0-4), rounded to 4 decimals. Derived from public
+# data only, so normalising the private images leaks nothing about them;
+# tests/test_experiments_data.py recomputes them from the files.
+PUBLIC_MEAN = 0.3139
+PUBLIC_STD = 0.3626
+
+_IDX_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte.gz",
+    ("train", "labels"): "train-labels-idx1-ubyte.gz",
+    ("test", "images"): "t10k-images-idx3-ubyte.gz",
+    ("test", "labels"): "t10k-labels-idx1-ubyte.gz",
+}
+_INSTALL_HINT = (
+    "Install Debian's Fashion-MNIST package with `sudo apt-get install dataset-fashion-mnist` "
+    f"(files land in {DEFAULT_FMNIST_DIR}), or point the environment variable {FMNIST_ENV_VAR} "
+    "at a directory holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz."
+)
+# IDX magic number: two zero bytes, a type code (0x08 = unsigned byte), and the
+# number of dimensions (3 for images N x rows x cols, 1 for labels N).
+_IDX_UBYTE = 0x08
+
+
+@dataclass(frozen=True)
+class FashionMNISTArrays:
+    """Raw Fashion-MNIST: images uint8 [N, 28, 28] in 0..255, labels int64 in 0..9."""
+
+    train_images: torch.Tensor  # [60000, 28, 28] uint8
+    train_labels: torch.Tensor  # [60000] int64
+    test_images: torch.Tensor  # [10000, 28, 28] uint8
+    test_labels: torch.Tensor  # [10000] int64
+
+
+def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
+    """Read a (possibly gzipped) IDX file of unsigned bytes with ``ndim`` dimensions.
+
+    Raises ``ValueError`` when the magic number, dimension count or payload size
+    does not match, so a truncated or wrong file fails loudly instead of
+    yielding garbage tensors.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    if raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
+        raise ValueError(
+            f"{path}: bad IDX magic {raw[:4].hex()}, expected 0000{_IDX_UBYTE:02x}{ndim:02x} "
+            f"(unsigned bytes, {ndim} dimensions)"
+        )
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = 1
+    for d in shape:
+        expected *= d
+    if len(raw) - offset != expected:
+        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes), payload has {len(raw) - offset}")
+    # bytearray makes the buffer writable, which torch.frombuffer wants.
+    return torch.frombuffer(bytearray(raw[offset:]), dtype=torch.uint8).reshape(shape)
+
+
+def _fmnist_root(root: str | Path | None) -> Path:
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get(FMNIST_ENV_VAR) or DEFAULT_FMNIST_DIR)
+
+
+def load_fashion_mnist(root: str | Path | None = None) -> FashionMNISTArrays:
+    """Load Fashion-MNIST from gzipped IDX files.
+
+    ``root`` defaults to ``$DP_TAFT_FMNIST_DIR`` if set, else
+    ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``).
+    Raises ``FileNotFoundError`` explaining how to install the data when a file
+    is missing, and ``ValueError`` when a file is malformed or the image and
+    label counts disagree. Parsed once per directory and cached, so the
+    returned tensors are shared: do not modify them in place.
+    """
+    base = _fmnist_root(root).resolve()
+    missing = [name for name in _IDX_FILES.values() if not (base / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST not found in {base} (missing {', '.join(missing)}). {_INSTALL_HINT}")
+    return _read_fashion_mnist(base)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_fashion_mnist(base: Path) -> FashionMNISTArrays:
+    """Decompress and parse once per directory (about 2 s); callers only read the tensors."""
+    parts: dict[str, torch.Tensor] = {}
+    for split in ("train", "test"):
+        images = read_idx(base / _IDX_FILES[(split, "images")], ndim=3)
+        labels = read_idx(base / _IDX_FILES[(split, "labels")], ndim=1).long()
+        if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{base}: {split} images {tuple(images.shape)} vs labels {tuple(labels.shape)}")
+        if labels.numel() and int(labels.max()) > 9:
+            raise ValueError(f"{base}: {split} labels outside 0..9")
+        parts[f"{split}_images"], parts[f"{split}_labels"] = images, labels
+    return FashionMNISTArrays(**parts)
+
+
+@dataclass(frozen=True)
+class DefaultTask:
+    """The offline public/private split of Fashion-MNIST.
+
+    Every data set yields ``(image, label)`` with image float32 [1, 28, 28]
+    normalised as ``(pixel / 255 - PUBLIC_MEAN) / PUBLIC_STD`` and label int64
+    in 0..4 (original class minus 0 for public, minus 5 for private).
+    """
+
+    public_train: TensorDataset  # 30,000 training images of classes 0-4
+    public_test: TensorDataset  # 5,000 test images of classes 0-4
+    private_train: TensorDataset  # seeded subsample of the 30,000 training images of classes 5-9
+    private_test: TensorDataset  # all 5,000 test images of classes 5-9
+    num_classes: int  # 5, for both tasks
+    class_names: tuple[str, ...]  # names of the private classes, index = remapped label
+    public_class_names: tuple[str, ...]
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] normalised with the public statistics."""
+    return ((images.float() / 255.0 - PUBLIC_MEAN) / PUBLIC_STD).unsqueeze(1)
+
+
+def _subset(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> TensorDataset:
+    keep = torch.isin(labels, torch.tensor(classes))
+    return TensorDataset(_normalise(images[keep]), labels[keep] - min(classes))
+
+
+def default_task(private_train_size: int | None = 10_000, seed: int = 0, root: str | Path | None = None) -> DefaultTask:
+    """Build the public (classes 0-4) and private (classes 5-9) tasks.
+
+    ``private_train_size`` in 1..30,000 draws that many private training images
+    uniformly without replacement with a ``torch.Generator`` seeded by ``seed``
+    (kept in file order, so the subset depends only on the seed); ``None``
+    keeps all 30,000. ``root`` as in ``load_fashion_mnist``.
+    """
+    raw = load_fashion_mnist(root)
+    private_pool = torch.isin(raw.train_labels, torch.tensor(PRIVATE_CLASSES)).nonzero().squeeze(1)
+    if private_train_size is not None:
+        if not 1 <= private_train_size <= private_pool.numel():
+            raise ValueError(f"private_train_size must be in 1..{private_pool.numel()}, got {private_train_size}")
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(private_pool.numel(), generator=gen)[:private_train_size]
+        private_pool = private_pool[pick.sort().values]
+    offset = min(PRIVATE_CLASSES)
+    return DefaultTask(
+        public_train=_subset(raw.train_images, raw.train_labels, PUBLIC_CLASSES),
+        public_test=_subset(raw.test_images, raw.test_labels, PUBLIC_CLASSES),
+        private_train=TensorDataset(
+            _normalise(raw.train_images[private_pool]), raw.train_labels[private_pool] - offset
+        ),
+        private_test=_subset(raw.test_images, raw.test_labels, PRIVATE_CLASSES),
+        num_classes=len(PRIVATE_CLASSES),
+        class_names=tuple(FMNIST_CLASS_NAMES[c] for c in PRIVATE_CLASSES),
+        public_class_names=tuple(FMNIST_CLASS_NAMES[c] for c in PUBLIC_CLASSES),
+    )
+
+
+def default_model(num_classes: int = 5) -> VisionTransformer:
+    """The default backbone: a plain timm ViT for 1x28x28 images, about 1.19M parameters.
+
+    Patch 7 gives a 4x4 grid = 16 patch tokens plus one class token; width
+    128, depth 6, 4 heads of 32 dims, MLP ratio 4; classification from the
+    class token. All dropout / drop-path rates are 0 so the network is a
+    deterministic function (required for the tangent model and for DP-SGD's
+    per-sample gradients). Initialisation draws from torch's global RNG.
+    """
+    return VisionTransformer(
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=num_classes,
+        global_pool="token",
+        class_token=True,
+        embed_dim=128,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_rate=0.0,
+        pos_drop_rate=0.0,
+        patch_drop_rate=0.0,
+        proj_drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Real data sets and timm backbones (need network unless files are local).
+# ----------------------------------------------------------------------------
+
+DatasetName = Literal["cifar10", "cifar100", "fashion-mnist"]
+_GREYSCALE = {"cifar10": False, "cifar100": False, "fashion-mnist": True}
+# Fallback when a model declares no normalisation: maps [0, 1] to [-1, 1].
+_FALLBACK_MEAN, _FALLBACK_STD = 0.5, 0.5
+
+
+def model_normalisation(model: torch.nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) for ``in_chans`` channels from ``model.pretrained_cfg``.
+
+    Falls back to 0.5 / 0.5 when the model declares none; a 3-channel
+    statistic is averaged to one value for a 1-channel model.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean") or (_FALLBACK_MEAN,) * in_chans)
+    std = tuple(cfg.get("std") or (_FALLBACK_STD,) * in_chans)
+    if len(mean) != in_chans:
+        mean = (sum(mean) / len(mean),) * in_chans
+        std = (sum(std) / len(std),) * in_chans
+    return mean, std
+
+
+def load_image_dataset(
+    name: DatasetName,
+    root: str | Path,
+    image_size: int,
+    in_chans: int,
+    train: bool,
+    download: bool,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Dataset:
+    """A torchvision data set resized to ``image_size`` x ``image_size`` pixels with ``in_chans`` channels.
+
+    ``in_chans`` must be 1 or 3; grey images are replicated to RGB and RGB
+    images converted to grey as needed. Pixels are scaled to [0, 1] and
+    normalised with ``mean`` / ``std`` (length ``in_chans``; pass
+    ``model_normalisation(model, in_chans)``), default 0.5 / 0.5. Raises
+    ``FileNotFoundError`` when the data is not under ``root`` and ``download``
+    is False.
+    """
+    from torchvision import datasets, transforms
+
+    if name not in _GREYSCALE:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(_GREYSCALE)}")
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    mean = tuple(mean) if mean is not None else (_FALLBACK_MEAN,) * in_chans
+    std = tuple(std) if std is not None else (_FALLBACK_STD,) * in_chans
+    steps: list[Any] = [transforms.Resize(image_size, antialias=True)]
+    if _GREYSCALE[name] or in_chans == 1:
+        steps.append(transforms.Grayscale(num_output_channels=in_chans))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "fashion-mnist": datasets.FashionMNIST}[name]
+    try:
+        return cls(root=str(root), train=train, transform=transforms.Compose(steps), download=download)
+    except RuntimeError as err:
+        if download or "not found" not in str(err).lower():
+            raise
+        raise FileNotFoundError(
+            f"{name} not found under {root} (torchvision layout). Re-run with download enabled "
+            f"(needs network), or for Fashion-MNIST offline use experiments.data.default_task(). "
+            f"torchvision said: {err}"
+        ) from err
+
+
+def create_backbone(
+    model_name: str,
+    num_classes: int,
+    pretrained: bool,
+    checkpoint_file: str | Path | None = None,
+    **timm_kwargs: Any,
+) -> torch.nn.Module:
+    """``timm.create_model`` with a ``num_classes``-way head.
+
+    With ``pretrained`` and no ``checkpoint_file`` timm downloads its weights
+    (network). A ``checkpoint_file`` (a state dict saved with ``torch.save`` or
+    safetensors) replaces the download: the backbone is loaded from it and,
+    when ``num_classes`` differs from the model's pretrained classifier, the
+    head is freshly initialised. Extra ``timm_kwargs`` (``img_size``,
+    ``in_chans``, ``depth``, ...) go to ``timm.create_model``.
+    """
+    overlay = None
+    if checkpoint_file is not None:
+        if not pretrained:
+            raise ValueError("checkpoint_file is only read with pretrained=True")
+        if not Path(checkpoint_file).is_file():
+            raise FileNotFoundError(f"checkpoint file {checkpoint_file} does not exist")
+        overlay = dict(file=str(checkpoint_file))
+    return timm.create_model(
+        model_name, pretrained=pretrained, num_classes=num_classes, pretrained_cfg_overlay=overlay, **timm_kwargs
+    )
