@@ -1,0 +1,349 @@
+"""Result files shared by the experiments: an append-only CSV, a markdown table, a plot.
+
+Nothing here knows the sweep's columns: writers take the column, grouping and value
+names, so other experiments (e.g. the shard experiment) reuse them with their own.
+
+* :func:`append_row` / :func:`read_rows` / :func:`latest`: one CSV row per finished run,
+  flushed and fsynced as it is written, so a killed experiment loses at most the run in
+  progress and a rerun can skip what is done (a torn last line is ignored).
+* :func:`aggregate` / :func:`markdown_table`: mean ± std over repeats (seeds) per cell.
+* :func:`plot_curves`: y against x per group with error bars over repeats; log x axis,
+  with x = ∞ (e.g. non-private) drawn in a separate panel on the right.
+
+CSV values are strings; :func:`to_float` reads numbers back ("" -> NaN, "inf" -> ∞).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Stats",
+    "aggregate",
+    "append_row",
+    "format_number",
+    "latest",
+    "markdown_table",
+    "plot_curves",
+    "read_rows",
+    "to_float",
+]
+
+Row = Mapping[str, str]
+
+
+# --------------------------------------------------------------------------- CSV
+def format_number(x: Any, digits: int = 6) -> str:
+    """A CSV cell: '' for None, 'inf' / '-inf' / 'nan', integers as is, floats with ``digits`` significant digits."""
+    if x is None:
+        return ""
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def to_float(s: str | None) -> float:
+    """Inverse of :func:`format_number` for numbers: '' / None -> NaN."""
+    if s is None or s == "":
+        return math.nan
+    return float(s)
+
+
+def _header(path: Path) -> list[str] | None:
+    with open(path, newline="") as f:
+        first = f.readline()
+    if not first.strip():
+        return None
+    return next(csv.reader([first]))
+
+
+def append_row(path: str | Path, row: Mapping[str, Any], columns: Sequence[str]) -> None:
+    """Append ``row`` (keys ⊆ ``columns``) to the CSV at ``path``, writing the header first if new.
+
+    Raises ``ValueError`` if the file's header is not ``columns`` (another experiment's
+    file) or ``row`` has unknown keys. The row is one write, flushed and fsynced.
+    """
+    path = Path(path)
+    unknown = set(row) - set(columns)
+    if unknown:
+        raise ValueError(f"row has columns {sorted(unknown)} not in the CSV schema {list(columns)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        header = _header(path)
+        if header is not None and header != list(columns):
+            raise ValueError(
+                f"{path} has columns {header}, expected {list(columns)}: it was written by another "
+                "experiment or version; write to a new output directory"
+            )
+        new = header is None
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    if new:
+        writer.writeheader()
+    writer.writerow({c: format_number(row.get(c)) for c in columns})
+    with open(path, "a+b") as f:
+        if not new and f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a torn line from a killed writer: end it; readers drop it
+                f.write(b"\n")
+        elif new:
+            f.truncate(0)
+        f.write(buf.getvalue().encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """Rows of the CSV at ``path`` as dicts (empty if the file does not exist); torn rows are dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        n = len(reader.fieldnames or [])
+        return [dict(r) for r in reader if None not in r and None not in r.values() and len(r) == n]
+
+
+def latest(rows: Iterable[Row], key: Sequence[str]) -> dict[tuple[str, ...], Row]:
+    """The last row for each value of the ``key`` columns (later rows supersede earlier ones)."""
+    out: dict[tuple[str, ...], Row] = {}
+    for r in rows:
+        k = tuple(r[c] for c in key)
+        out.pop(k, None)  # keep file order of the latest occurrence
+        out[k] = r
+    return out
+
+
+# --------------------------------------------------------------------------- aggregation
+@dataclass(frozen=True)
+class Stats:
+    """Mean and sample standard deviation (ddof=1; 0 for one value) of ``n`` values; ``failed`` rows excluded."""
+
+    mean: float
+    std: float
+    n: int
+    failed: int
+
+    @classmethod
+    def of(cls, values: Sequence[float], failed: int = 0) -> "Stats":
+        n = len(values)
+        if n == 0:
+            return cls(math.nan, math.nan, 0, failed)
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+        return cls(mean, std, n, failed)
+
+
+def _is_ok(r: Row) -> bool:
+    return r.get("status", "ok") == "ok"
+
+
+def aggregate(
+    rows: Iterable[Row],
+    by: Sequence[str],
+    value: str,
+    *,
+    ok: Callable[[Row], bool] = _is_ok,
+) -> dict[tuple[str, ...], Stats]:
+    """:class:`Stats` of column ``value`` per distinct tuple of the ``by`` columns.
+
+    Rows for which ``ok`` is false (default: ``status`` column present and not "ok") or
+    whose value is empty/NaN count as ``failed``.
+    """
+    values: dict[tuple[str, ...], list[float]] = {}
+    failed: dict[tuple[str, ...], int] = {}
+    for r in rows:
+        k = tuple(r[c] for c in by)
+        values.setdefault(k, [])
+        failed.setdefault(k, 0)
+        v = to_float(r.get(value)) if ok(r) else math.nan
+        if math.isnan(v):
+            failed[k] += 1
+        else:
+            values[k].append(v)
+    return {k: Stats.of(values[k], failed[k]) for k in values}
+
+
+def _sort_key(s: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(s), s)
+    except ValueError:
+        return (1, 0.0, s)
+
+
+def markdown_table(
+    rows: Iterable[Row],
+    *,
+    row: str,
+    col: str,
+    value: str,
+    row_order: Sequence[str] | None = None,
+    col_order: Sequence[str] | None = None,
+    row_label: Callable[[str], str] = str,
+    col_label: Callable[[str], str] = str,
+    corner: str = "",
+    scale: float = 1.0,
+    digits: int = 1,
+    expected_n: int | None = None,
+) -> str:
+    """A markdown table of mean ± std of ``value`` (times ``scale``), rows by column ``row``, columns by ``col``.
+
+    Orders default to first appearance for rows and numeric order (then text) for columns.
+    A cell with no successful value reads "failed" (all its runs failed) or "—" (no run);
+    a cell with fewer than ``expected_n`` values or with failures gets "(n=…)" / "(k failed)".
+    """
+    rows = list(rows)
+    stats = aggregate(rows, (row, col), value)
+    rkeys = list(row_order) if row_order is not None else list(dict.fromkeys(r[row] for r in rows))
+    ckeys = list(col_order) if col_order is not None else sorted({r[col] for r in rows}, key=_sort_key)
+    lines = [
+        "| " + " | ".join([corner] + [col_label(c) for c in ckeys]) + " |",
+        "|" + "|".join([":---"] + ["---:"] * len(ckeys)) + "|",
+    ]
+    for rk in rkeys:
+        cells = [row_label(rk)]
+        for ck in ckeys:
+            s = stats.get((rk, ck))
+            if s is None:
+                cells.append("—")
+                continue
+            if s.n == 0:
+                cells.append("failed")
+                continue
+            text = f"{s.mean * scale:.{digits}f}"
+            if s.n > 1:
+                text += f" ± {s.std * scale:.{digits}f}"
+            notes = []
+            if expected_n is not None and s.n < expected_n:
+                notes.append(f"n={s.n}")
+            if s.failed:
+                notes.append(f"{s.failed} failed")
+            if notes:
+                text += f" ({', '.join(notes)})"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plot
+def plot_curves(
+    path: str | Path,
+    rows: Iterable[Row],
+    *,
+    x: str,
+    y: str,
+    group: str,
+    group_order: Sequence[str] | None = None,
+    group_label: Callable[[str], str] = str,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    scale: float = 1.0,
+    log_x: bool = True,
+    inf_label: str = "∞",
+) -> Path:
+    """Plot mean ``y`` (× ``scale``) against ``x`` per ``group``, error bars = std over repeats; save a PNG.
+
+    Points with x = ∞ go to a narrow panel on the right labelled ``inf_label`` (a log
+    axis cannot show them); groups are offset there so their bars do not overlap.
+    Rows that are not ok (see :func:`aggregate`) are left out. Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    stats = aggregate(rows, (group, x), y)
+    groups = list(group_order) if group_order is not None else list(dict.fromkeys(r[group] for r in rows))
+    groups = [g for g in groups if any(k[0] == g and s.n for k, s in stats.items())]
+    has_inf = any(math.isinf(to_float(k[1])) and s.n for k, s in stats.items())
+    finite_x = sorted({to_float(k[1]) for k, s in stats.items() if s.n and math.isfinite(to_float(k[1]))})
+
+    plt.rcParams.update({"font.size": 12})
+    if has_inf and finite_x:
+        fig, (ax, ax_inf) = plt.subplots(
+            1, 2, sharey=True, figsize=(8, 5), gridspec_kw={"width_ratios": [5, 1], "wspace": 0.05}
+        )
+    elif has_inf:
+        fig, ax_inf = plt.subplots(figsize=(4, 5))
+        ax = None
+    else:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        ax_inf = None
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    for i, g in enumerate(groups):
+        style = dict(color=colors[i % len(colors)], marker=markers[i % len(markers)], capsize=4, markersize=7,
+                     linewidth=2, elinewidth=1.5)
+        pts = sorted((to_float(k[1]), s) for k, s in stats.items() if k[0] == g and s.n)
+        fin = [(xv, s) for xv, s in pts if math.isfinite(xv)]
+        inf = [s for xv, s in pts if math.isinf(xv)]
+        if ax is not None and fin:
+            ax.errorbar([p[0] for p in fin], [p[1].mean * scale for p in fin], yerr=[p[1].std * scale for p in fin],
+                        label=group_label(g), **style)
+        if ax_inf is not None and inf:
+            offset = (i - (len(groups) - 1) / 2) * 0.12
+            ax_inf.errorbar([offset], [inf[0].mean * scale], yerr=[inf[0].std * scale],
+                            label=None if (ax is not None and fin) else group_label(g), **style)
+    if ax is not None:
+        if log_x:
+            ax.set_xscale("log")
+        if finite_x:
+            ax.set_xticks(finite_x)
+            ax.set_xticklabels([f"{v:g}" for v in finite_x])
+            ax.minorticks_off()
+            lo, hi = finite_x[0], finite_x[-1]
+            ax.set_xlim(lo / 1.4, hi * 1.4) if log_x else None
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    if ax_inf is not None:
+        ax_inf.set_xlim(-0.5, 0.5)
+        ax_inf.set_xticks([0])
+        ax_inf.set_xticklabels([inf_label])
+        ax_inf.grid(True, axis="y", alpha=0.3)
+        if ax is None:
+            ax_inf.set_ylabel(ylabel)
+        else:
+            ax.spines["right"].set_visible(False)
+            ax_inf.spines["left"].set_visible(False)
+            ax_inf.tick_params(axis="y", left=False)
+    legend_ax = ax if ax is not None else ax_inf
+    if groups:
+        handles, labels = [], []
+        for a in (ax, ax_inf):
+            if a is not None:
+                h, lab = a.get_legend_handles_labels()
+                handles += h
+                labels += lab
+        legend_ax.legend(handles, labels, loc="best", fontsize=11)
+    else:
+        legend_ax.text(0.5, 0.5, "no successful runs", ha="center", va="center", transform=legend_ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    with warnings.catch_warnings():  # tight_layout warns about the shared-y panel pair; the result is fine
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

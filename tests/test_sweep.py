@@ -1,0 +1,222 @@
+"""experiments.sweep and experiments.results: outputs, consistency, resume, failures, real-data path.
+
+The end-to-end tests run the ``--smoke`` profile in process on the default task, with a
+randomly initialised backbone passed as ``--checkpoint`` (so no pretraining is needed),
+and the torchvision path on a synthetic Fashion-MNIST in torchvision's layout with a
+tiny timm ViT loaded from a local weights file (no network).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import accounting
+from experiments import results as res
+from experiments import sweep
+
+pytest.importorskip("matplotlib")
+
+
+# --------------------------------------------------------------------------- results.py units
+COLS = ("name", "x", "seed", "acc", "status")
+
+
+def test_append_read_latest_and_torn_line(tmp_path):
+    path = tmp_path / "r.csv"
+    res.append_row(path, {"name": "a", "x": 1.0, "seed": 0, "acc": 0.5, "status": "ok"}, COLS)
+    res.append_row(path, {"name": "a", "x": math.inf, "seed": 0, "acc": 0.7, "status": "ok"}, COLS)
+    with open(path, "a") as f:
+        f.write("b,2,0")  # a writer killed mid-row
+    res.append_row(path, {"name": "a", "x": 1.0, "seed": 0, "acc": 0.6, "status": "ok"}, COLS)
+    rows = res.read_rows(path)
+    assert [r["acc"] for r in rows] == ["0.5", "0.7", "0.6"]
+    assert rows[1]["x"] == "inf" and math.isinf(res.to_float(rows[1]["x"]))
+    last = res.latest(rows, ("name", "x"))
+    assert last[("a", "1")]["acc"] == "0.6" and len(last) == 2
+    with pytest.raises(ValueError, match="columns"):
+        res.append_row(path, {"name": "a"}, ("name", "other"))
+    with pytest.raises(ValueError, match="not in the CSV schema"):
+        res.append_row(path, {"bogus": 1}, COLS)
+
+
+def test_markdown_table_and_plot_are_generic(tmp_path):
+    rows = [
+        {"name": g, "x": x, "seed": str(s), "acc": str(a), "status": "ok"}
+        for g, x, s, a in [("A", "1", 0, 0.5), ("A", "1", 1, 0.7), ("A", "inf", 0, 0.9), ("B", "8", 0, 0.4)]
+    ] + [{"name": "B", "x": "8", "seed": "1", "acc": "", "status": "failed"},
+         {"name": "B", "x": "1", "seed": "0", "acc": "", "status": "failed"}]
+    table = res.markdown_table(rows, row="name", col="x", value="acc", scale=100, expected_n=2, corner="m")
+    lines = table.strip().splitlines()
+    assert lines[0] == "| m | 1 | 8 | inf |"
+    assert lines[2] == "| A | 60.0 ± 14.1 | — | 90.0 (n=1) |"
+    assert lines[3] == "| B | failed | 40.0 (n=1, 1 failed) | — |"
+    png = res.plot_curves(tmp_path / "p.png", rows, x="x", y="acc", group="name", scale=100, xlabel="x", ylabel="y")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    only_inf = [r for r in rows if r["x"] == "inf"]
+    assert res.plot_curves(tmp_path / "q.png", only_inf, x="x", y="acc", group="name").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- config
+@pytest.mark.parametrize("profile", ["default", "quick", "smoke"])
+def test_profiles_resolve(profile):
+    s, hp, nonpriv = sweep.load_config(sweep.DEFAULT_CONFIG, profile)
+    sweep._check_sweep(s)
+    assert set(hp) == set(sweep.METHODS) == set(nonpriv)
+    runs = sweep.plan_runs(s, hp, nonpriv)
+    for r in runs:
+        want = {**hp[r.method], **(nonpriv[r.method] if math.isinf(r.epsilon) else {})}
+        assert dict(r.hparams) == want
+    assert {r.method for r in runs} == set(sweep.METHODS)
+    assert any(math.isinf(r.epsilon) for r in runs) and s["delta"] < 1 / s["private_train_size"]
+    if profile == "default":
+        assert sorted(s["epsilons"]) == [1, 3, 8, math.inf] and s["seeds"] == [0, 1] and s["blocks"] == [2]
+        assert len(runs) == 24
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sweep]\nmethods=['fc']\n[hparams]\nlearning_rate=1\n[profiles.default]\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        sweep.load_config(bad, "default")
+    with pytest.raises(ValueError, match="no profile"):
+        sweep.load_config(sweep.DEFAULT_CONFIG, "nope")
+    _, hp, nonpriv = sweep.load_config(sweep.DEFAULT_CONFIG, "default")
+    sweep.apply_sets(hp, ["taft.lr=2.0", "epochs=7", "loss=square", "nonprivate.nlft.lr=0.25"], nonpriv)
+    assert hp["taft"]["lr"] == 2.0 and hp["fc"]["lr"] != 2.0 and hp["nlft"]["epochs"] == 7
+    assert hp["fc"]["loss"] == "square" and nonpriv["nlft"]["lr"] == 0.25 and hp["nlft"]["lr"] != 0.25
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        sweep.apply_sets(hp, ["taft.lrr=1"])
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory) -> Path:
+    from experiments.data import default_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "random_default_vit.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(default_model(5).state_dict(), path)
+    return path
+
+
+def _smoke(out: Path, backbone_file: Path, *extra: str) -> int:
+    return sweep.main(["--smoke", "--checkpoint", str(backbone_file), "--out", str(out), "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory, backbone_file) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "smoke"
+    assert _smoke(out, backbone_file) == 0
+    return out
+
+
+def test_smoke_outputs_exist_and_are_consistent(smoke_out):
+    rows = res.read_rows(smoke_out / sweep.CSV_NAME)
+    assert list(rows[0]) == list(sweep.COLUMNS)
+    s, _, _ = sweep.load_config(sweep.DEFAULT_CONFIG, "smoke")
+    assert len(rows) == 3 * len(s["epsilons"])
+    assert {r["label"] for r in rows} == {"FC", "TAFT-2", "NLFT-2"}
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["wall_time_s"]) > 0 and int(r["steps"]) == 4
+        target = float(r["target_epsilon"])
+        assert float(r["epsilon"]) <= target
+        if math.isinf(target):
+            assert r["report"] == "" and r["delta"] == "" and float(r["sigma"]) == 0
+            continue
+        assert float(r["delta"]) == 1e-5 and float(r["sigma"]) > 0
+        report = accounting.PrivacyReport.from_json((smoke_out / r["report"]).read_text())
+        assert report.epsilon == pytest.approx(float(r["epsilon"]), rel=1e-5) and report.epsilon <= target
+        assert report.steps == int(r["steps"]) and report.delta == 1e-5
+    summary = (smoke_out / sweep.SUMMARY_NAME).read_text()
+    for needle in ("| method | ε = 1 | ∞ (non-private) |", "| FC |", "| TAFT-2 |", "| NLFT-2 |"):
+        assert needle in summary
+    assert (smoke_out / sweep.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
+    details = json.loads((smoke_out / "runs" / "taft2_eps1_seed0.json").read_text())
+    assert len(details["history"]) == 1
+
+
+def test_resume_skips_finished_runs_and_refuses_other_settings(smoke_out, backbone_file, monkeypatch):
+    before = (smoke_out / sweep.CSV_NAME).read_text()
+
+    def no_fit(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(sweep, "fit", no_fit)
+    assert _smoke(smoke_out, backbone_file) == 0
+    assert (smoke_out / sweep.CSV_NAME).read_text() == before
+    assert _smoke(smoke_out, backbone_file, "--set", "lr=0.1") == 2  # other settings: refuse to mix
+    assert (smoke_out / sweep.CSV_NAME).read_text() == before
+    (smoke_out / sweep.SUMMARY_NAME).unlink()
+    assert sweep.main(["--report-only", "--out", str(smoke_out)]) == 0
+    assert "| TAFT-2 |" in (smoke_out / sweep.SUMMARY_NAME).read_text()
+
+
+def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path, backbone_file, monkeypatch):
+    real_fit = sweep.fit
+
+    def flaky_fit(model, train_set, *, epsilon, **kw):
+        if epsilon is not None:
+            raise ValueError(f"target epsilon={epsilon} is unreachable (simulated)")
+        return real_fit(model, train_set, epsilon=epsilon, **kw)
+
+    monkeypatch.setattr(sweep, "fit", flaky_fit)
+    out = tmp_path / "flaky"
+    assert _smoke(out, backbone_file, "--methods", "fc") == 0
+    rows = {r["run_id"]: r for r in res.read_rows(out / sweep.CSV_NAME)}
+    assert rows["fc_eps1_seed0"]["status"] == "failed" and "unreachable" in rows["fc_eps1_seed0"]["error"]
+    assert rows["fc_epsinf_seed0"]["status"] == "ok"
+    assert "failed" in (out / sweep.SUMMARY_NAME).read_text() and (out / sweep.PLOT_NAME).exists()
+    # failed runs are finished for resume purposes unless --retry-failed
+    monkeypatch.setattr(sweep, "fit", real_fit)
+    assert _smoke(out, backbone_file, "--methods", "fc") == 0
+    assert len(res.read_rows(out / sweep.CSV_NAME)) == 2
+    assert _smoke(out, backbone_file, "--methods", "fc", "--retry-failed") == 0
+    rows = res.read_rows(out / sweep.CSV_NAME)
+    assert len(rows) == 3 and rows[-1]["run_id"] == "fc_eps1_seed0" and rows[-1]["status"] == "ok"
+    assert float(rows[-1]["epsilon"]) <= 1.0
+    assert "failed" not in (out / sweep.SUMMARY_NAME).read_text().split("Mean wall time")[0]
+
+
+def test_delta_must_be_below_one_over_n(tmp_path, backbone_file):
+    assert _smoke(tmp_path / "d", backbone_file, "--delta", "0.01") == 2
+
+
+# --------------------------------------------------------------------------- torchvision + timm path
+def _write_idx(path: Path, array: torch.Tensor) -> None:
+    dims = array.shape
+    header = struct.pack(">BBBB", 0, 0, 0x08, len(dims)) + b"".join(struct.pack(">I", d) for d in dims)
+    path.write_bytes(header + array.to(torch.uint8).numpy().tobytes())
+
+
+def test_real_dataset_path_with_local_files(tmp_path):
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 96), ("t10k", 48)):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", torch.randint(0, 256, (n, 28, 28), generator=g))
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", torch.arange(n) % 10)
+    kwargs = {"img_size": 32, "depth": 2}
+    weights = tmp_path / "vit_tiny.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs).state_dict(), weights)
+    out = tmp_path / "out"
+    argv = ["--dataset", "fashion-mnist", "--data-root", str(tmp_path / "data"), "--model", "vit_tiny_patch16_224",
+            "--pretrained", "--checkpoint", str(weights), "--timm-kwargs", json.dumps(kwargs),
+            "--methods", "fc", "taft", "--blocks", "1", "--epsilons", "8", "inf", "--seeds", "0",
+            "--private-train-size", "64", "--test-size", "32", "--set", "epochs=1", "--set", "batch_size=32",
+            "--out", str(out), "--no-progress"]
+    assert sweep.main(argv) == 0
+    rows = res.read_rows(out / sweep.CSV_NAME)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert {r["label"] for r in rows} == {"FC", "TAFT-1"}
+    assert all(r["dataset"] == "fashion-mnist" and r["n_train"] == "64" and r["n_test"] == "32" for r in rows)
+    assert all(float(r["epsilon"]) <= float(r["target_epsilon"]) for r in rows)
