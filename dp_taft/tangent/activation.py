@@ -12,6 +12,33 @@ from .registry import register_tangent
 
 __all__ = ["TangentGELU"]
 
+
+class _GeluTangent(torch.autograd.Function):
+    """dx ↦ gelu'(x) ⊙ dx, saving only x for backward.
+
+    The map is linear in dx with the diagonal Jacobian gelu'(x), so its VJP is
+    g ↦ gelu'(x) ⊙ g: the same fused ``gelu_backward`` kernel. Autograd's generic
+    rule for ``gelu_backward`` would also save dx (for the x-derivative, which the
+    tangent stream never needs), doubling the MLP's saved activations.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dx, x, approximate):
+        return torch.ops.aten.gelu_backward(dx, x, approximate=approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, x, approximate = inputs
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate), None, None
+
 _APPROXIMATE: dict[type[nn.Module], str] = {
     timm.layers.GELU: "none",
     timm.layers.GELUTanh: "tanh",
@@ -27,8 +54,8 @@ class TangentGELU(nn.Module):
     c = √(2/π), a = 0.044715, so gelu'(x) = 0.5·(1 + tanh u) + 0.5·x·(1 − tanh²u)·c·(1 + 3a·x²).
 
     ``gelu_backward(dx, x)`` evaluates exactly ``gelu'(x) ⊙ dx`` for either form in one
-    fused kernel (it is GELU's own backward), and autograd differentiates it in dx,
-    which is all the tangent stream needs: x never depends on Δw.
+    fused kernel (it is GELU's own backward); :class:`_GeluTangent` differentiates it in
+    dx only, which is all the tangent stream needs: x never depends on Δw.
     """
 
     def __init__(self, source_layer: nn.Module, path: str) -> None:
@@ -42,4 +69,4 @@ class TangentGELU(nn.Module):
         y = F.gelu(x, approximate=self.approximate)
         if dx is None:
             return y, None
-        return y, torch.ops.aten.gelu_backward(dx, x, approximate=self.approximate)
+        return y, _GeluTangent.apply(dx, x, self.approximate)

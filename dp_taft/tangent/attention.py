@@ -70,8 +70,9 @@ class TangentAttention(nn.Module):
 
         attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
         out = attn @ v
-        # One matmul for both halves of dS: [dQ, Q] · [K, dK]ᵀ = dQ Kᵀ + Q dKᵀ.
-        d_scores = (torch.cat((dq, q), -1) @ torch.cat((k, dk), -1).transpose(-2, -1)) * self.scale
+        # Two matmuls rather than one on concatenations: autograd then saves only q and k,
+        # which live on anyway, instead of two fresh (B, H, N, 2D) copies.
+        d_scores = (dq @ k.transpose(-2, -1)).add_(q @ dk.transpose(-2, -1)).mul_(self.scale)
         a_ds = attn * d_scores
         d_out = torch.addcmul(a_ds @ v + attn @ dv, a_ds.sum(-1, keepdim=True), out, value=-1.0)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .base import DeltaLeaf, frozen
-from .dual import Tangent, add_tangents
+from .dual import Tangent
 from .registry import UnsupportedModelError, describe, register_tangent
 
 __all__ = ["TangentLayerNorm"]
@@ -92,7 +92,7 @@ class TangentLayerNorm(DeltaLeaf):
 
     def forward(self, x: torch.Tensor, dx: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
         y, mean, rstd = torch.native_layer_norm(x, self.normalized_shape, self.weight0, self.bias0, self.eps)
-        d_norm = None
-        if dx is not None:
-            d_norm = _NormalizeTangent.apply(dx, x, mean, rstd, self.weight0, self.normalized_shape)
-        return y, add_tangents(d_norm, self.delta(x))
+        if dx is None:
+            return y, self.delta(x)
+        d_norm = _NormalizeTangent.apply(dx, x, mean, rstd, self.weight0, self.normalized_shape)
+        return y, d_norm.add_(self.delta(x))  # in place on a fresh, unsaved tensor

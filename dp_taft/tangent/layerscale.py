@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .base import DeltaLeaf, frozen
-from .dual import Tangent, add_tangents
+from .dual import Tangent
 from .registry import register_tangent
 
 __all__ = ["DeltaScale", "TangentLayerScale"]
@@ -45,5 +45,6 @@ class TangentLayerScale(DeltaLeaf):
         self.delta = DeltaScale(g.shape[-1], device=g.device, dtype=g.dtype)
 
     def forward(self, x: torch.Tensor, dx: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
-        d = None if dx is None else dx * self.gamma0
-        return x * self.gamma0, add_tangents(d, self.delta(x))
+        if dx is None:
+            return x * self.gamma0, self.delta(x)
+        return x * self.gamma0, (dx * self.gamma0).add_(self.delta(x))  # in place on a fresh tensor
