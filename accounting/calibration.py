@@ -7,10 +7,11 @@ bound on the PLD epsilon up to discretisation) gives the starting bracket.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 from accounting import _validate
-from accounting.accountant import epsilon
+from accounting.accountant import epsilon_of_history
+from accounting.events import Segment, as_segments
 
 _RTOL = 0.005  # the returned sigma's epsilon lies in [target (1 - _RTOL), target]
 _MIN_NOISE = 1e-2
@@ -25,12 +26,18 @@ def noise_multiplier(
     method: str = "pld",
     *,
     max_noise_multiplier: float = 1e3,
+    prior: Sequence[Segment] = (),
 ) -> float:
     """Smallest noise multiplier (to within 0.5% in epsilon) whose epsilon is <= ``target_epsilon``.
 
+    With ``prior`` (segments already run on the same data, e.g. an earlier training
+    stage), the epsilon is that of the whole history ``prior`` + ``steps`` new steps, so
+    the new segment spends exactly what the prior left of the budget.
+
     Bracketing then regula falsi on log(sigma); epsilon decreases in sigma. The result's epsilon
     lies in [0.995 target, target]. Raises ValueError when even
-    ``max_noise_multiplier`` does not reach the target.
+    ``max_noise_multiplier`` does not reach the target (in particular when ``prior`` alone
+    already spends it).
     """
     target = _validate.epsilon(target_epsilon, "target_epsilon")
     d = _validate.delta(delta)
@@ -38,16 +45,17 @@ def noise_multiplier(
     t = _validate.steps(steps)
     _validate.method(method)
     top = _validate.noise_multiplier(max_noise_multiplier, "max_noise_multiplier")
+    before = tuple(as_segments(prior))
     if t == 0:
         return _MIN_NOISE
 
     def eps(sigma: float) -> float:
-        return epsilon(sigma, q, t, d, method)
+        return epsilon_of_history((*before, Segment(sigma, q, t)), d, method)
 
     hint = 1.0
     if method == "pld":  # the RDP epsilon bounds the PLD one from above: its sigma is a near-upper bracket
         try:
-            hint = noise_multiplier(target, d, q, t, "rdp", max_noise_multiplier=top)
+            hint = noise_multiplier(target, d, q, t, "rdp", max_noise_multiplier=top, prior=before)
         except ValueError:
             hint = top
     lo = hi = min(hint, top)
@@ -109,7 +117,7 @@ def max_steps(
     _validate.method(method)
 
     def ok(t: int) -> bool:
-        return epsilon(sigma, q, t, d, method) <= target
+        return epsilon_of_history((Segment(sigma, q, t),), d, method) <= target
 
     lo = max_steps(target, d, sigma, q, "rdp") if method == "pld" else 0
     if lo == 0 and not ok(1):

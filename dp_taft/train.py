@@ -14,7 +14,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +65,7 @@ _NO_CLIP = 1e30
 # Stream ids for the seeds derived from `seed` (see _derive_seed).
 _NOISE, _SAMPLER, _AUGMENT = 0, 1, 2
 # Fields of the plan that fix the privacy guarantee; a resume must not change them.
-_PRIVACY_KEYS = ("epsilon", "delta", "sample_rate", "max_grad_norm", "dataset_size", "accountant")
+_PRIVACY_KEYS = ("epsilon", "delta", "sample_rate", "max_grad_norm", "dataset_size", "accountant", "prior")
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ def fit(
     checkpoint_every: int = 50,
     quiet: bool = False,
     num_workers: int = 0,
+    prior: Sequence[accounting.Segment] = (),
 ) -> FitResult:
     """Train ``model`` with DP-SGD to an (``epsilon``, ``delta``) target, or non-privately.
 
@@ -168,6 +169,10 @@ def fit(
         checkpoint_every: steps between checkpoints (>= 1); also the ledger's reservation block.
         quiet: no progress bars.
         num_workers: DataLoader worker processes (>= 0).
+        prior: DP-SGD segments already run on the SAME private data (e.g. an earlier
+            training stage's ``result.report.history``). They are written first into the
+            ledger, σ is calibrated so that prior + this run ends at ``epsilon``, and the
+            report covers both. Only with ``epsilon`` set.
 
     Raises:
         ValueError / UnsupportedModelError: bad arguments, data or model, with what to change;
@@ -189,6 +194,11 @@ def fit(
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, "steps between checkpoints", low=1)
     num_workers = check_int("num_workers", num_workers, "DataLoader workers", low=0)
     seed = check_int("seed", seed, "random seed", low=0)
+    prior = tuple(prior)
+    if prior and epsilon is None:
+        raise ValueError("prior is a privacy history to compose with; it needs a target epsilon (got epsilon=None)")
+    if not all(isinstance(s, accounting.Segment) for s in prior):
+        raise ValueError("prior must be a sequence of accounting.Segment (e.g. an earlier result.report.history)")
     if augment is not None and not callable(augment):
         raise ValueError(f"augment must be a callable on image batches or None, got {type(augment).__name__}")
     device = torch.device(device)
@@ -231,6 +241,7 @@ def fit(
         "max_grad_norm": max_grad_norm,
         "dataset_size": n,
         "accountant": accountant,
+        "prior": [dataclasses.asdict(segment) for segment in prior],
     }
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state = None
@@ -243,7 +254,7 @@ def fit(
     elif epsilon is None:
         sigma = 0.0
     else:
-        sigma = _calibrate(epsilon, delta, sample_rate, planned_steps, accountant)
+        sigma = _calibrate(epsilon, delta, sample_rate, planned_steps, accountant, prior)
     plan["noise_multiplier"] = sigma
     ledger = None
     if epsilon is not None:
@@ -257,7 +268,15 @@ def fit(
                 f"{state['ledger_steps']} were reserved: the ledger was lost or truncated, and resuming would "
                 "under-report the privacy spent. Restore the ledger or start a fresh run in a new checkpoint_dir."
             )
-        if accounting.epsilon(sigma, sample_rate, planned_steps, delta, method=accountant) <= epsilon:
+        if ledger.steps == 0:
+            for segment in prior:  # spent before this run: recorded ahead of everything else
+                ledger.reserve(segment.noise_multiplier, segment.sample_rate, segment.steps)
+        elif tuple(ledger.entries[: len(prior)]) != prior:
+            raise ValueError(
+                f"{ckpt_dir / LEDGER_FILE} does not start with the given prior history; resume with the "
+                "same prior, or start a fresh run in a new checkpoint_dir."
+            )
+        if not prior and accounting.epsilon(sigma, sample_rate, planned_steps, delta, method=accountant) <= epsilon:
             ledger.vouch(sigma, sample_rate, planned_steps)
 
     # ---- training objects (all Opacus): per-sample gradients, clipping, noise
@@ -350,9 +369,10 @@ def fit(
 
 # --------------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=64)  # a pure function of its arguments, and the costliest call of a short run
-def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, method: str) -> float:
+def _calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, method: str,
+               prior: tuple[accounting.Segment, ...] = ()) -> float:
     try:
-        return accounting.noise_multiplier(epsilon, delta, sample_rate, steps, method=method)
+        return accounting.noise_multiplier(epsilon, delta, sample_rate, steps, method=method, prior=prior)
     except ValueError as e:
         raise ValueError(
             f"target epsilon={epsilon} (delta={delta:.3g}) is unreachable in T={steps} steps at sample rate "

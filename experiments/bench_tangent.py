@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
 
 import timm
 import torch
@@ -83,9 +85,13 @@ def opacus_step(model: nn.Module, h: torch.Tensor, y: torch.Tensor, mode: str = 
     private, opt = wrapped[0], wrapped[1]
     loss_fn = wrapped[2] if mode == "ghost" else criterion
 
+    # As fit does: in hooks mode the tangent's ΔW layers skip the summed gradient.
+    skip = nullcontext if mode == "ghost" else partial(dp_taft.tangent.per_sample_gradients_only, model)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(private(h), y).backward()
+        with skip():
+            loss_fn(private(h), y).backward()
         opt.step()
 
     return step

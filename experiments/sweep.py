@@ -46,14 +46,17 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from dp_taft import fit, methods
+from dp_taft import FitResult, fit, methods
+from dp_taft.head_first import fit_head_first
 from dp_taft.privacy.checkpoint import CHECKPOINT_FILE
 from experiments import results as res
 
 __all__ = ["COLUMNS", "DEFAULT_CONFIG", "Run", "Task", "load_config", "main", "plan_runs", "write_outputs"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("sweep.toml")
-METHODS = ("fc", "taft", "nlft")
+METHODS = ("fc", "taft", "taft_head", "nlft")
+#: Hyperparameters of the two-stage TAFT only (dp_taft.head_first): its probe stage.
+HEAD_KEYS = frozenset({"head_epochs", "head_lr"})
 DATASETS = ("default", "cifar10", "cifar100", "fashion-mnist")
 NUM_CLASSES = {"default": 5, "cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
 SWEEP_KEYS = frozenset({
@@ -61,7 +64,7 @@ SWEEP_KEYS = frozenset({
 })
 HPARAM_KEYS = frozenset({
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_grad_norm", "loss", "kappa",
-    "physical_batch_size", "grad_sample_mode",
+    "physical_batch_size", "grad_sample_mode", *HEAD_KEYS,
 })
 #: results.csv schema, one row per run attempt (the last row of a run_id is the one that counts).
 COLUMNS = (
@@ -117,6 +120,10 @@ def load_config(
     hparams = {m: {**base, **per.get(m, {}), **p_base, **p_per.get(m, {})} for m in METHODS}
     np_base, np_per = _split(cfg.get("nonprivate", {}), "[nonprivate]")
     nonprivate = {m: {**np_base, **np_per.get(m, {})} for m in METHODS}
+    for m in METHODS:
+        stray = (set(hparams[m]) | set(nonprivate[m])) & HEAD_KEYS if m != "taft_head" else set()
+        if stray:
+            raise ValueError(f"{path}: {sorted(stray)} set for method {m!r}; they belong in [hparams.taft_head]")
     return sweep, hparams, nonprivate
 
 
@@ -190,7 +197,11 @@ class Run:
 
     @property
     def label(self) -> str:
-        return "FC" if self.method == "fc" else f"{self.method.upper()}-{self.k}"
+        if self.method == "fc":
+            return "FC"
+        if self.method == "taft_head":
+            return f"TAFT-{self.k} (head first)"
+        return f"{self.method.upper()}-{self.k}"
 
     @property
     def run_id(self) -> str:
@@ -222,6 +233,13 @@ def build_method(method: str, k: int, backbone: nn.Module) -> nn.Module:
     if method == "taft":
         return methods.taft(backbone, k)
     return methods.nlft(backbone, k)
+
+
+def train_method(method: str, k: int, backbone: nn.Module, train_set: Dataset, **fit_kwargs: Any) -> FitResult:
+    """Build ``method`` from ``backbone`` and train it; ``taft_head`` is two stages under one budget."""
+    if method == "taft_head":
+        return fit_head_first(backbone, k, train_set, **fit_kwargs)
+    return fit(build_method(method, k, backbone), train_set, **fit_kwargs)
 
 
 # --------------------------------------------------------------------------- data and backbones
@@ -373,9 +391,8 @@ def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = build_method(run.method, run.k, task.backbone(run.seed))
-            result = fit(
-                model, task.train, epsilon=run.epsilon if private else None,
+            result = train_method(
+                run.method, run.k, task.backbone(run.seed), task.train, epsilon=run.epsilon if private else None,
                 delta=sweep["delta"] if private else None, eval_set=task.test, physical_batch_size=physical,
                 accountant=sweep["accountant"], device=device, seed=run.seed,
                 checkpoint_dir=out / "checkpoints" / run.run_id, quiet=quiet, **hp,

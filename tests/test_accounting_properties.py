@@ -113,3 +113,15 @@ def test_accountant_records_and_round_trips():
     fresh.load_state_dict(state)
     assert fresh.epsilon(1e-5) == e
     assert accounting.PrivacyAccountant().epsilon(1e-5) == 0.0
+
+
+@pytest.mark.parametrize("method", ["pld", "rdp"])
+def test_calibration_after_a_prior_history(method):
+    prior = (accounting.Segment(1.5, 0.02, 300),)
+    sigma = accounting.noise_multiplier(3.0, 1e-5, 0.05, 200, method, prior=prior)
+    total = accounting.epsilon_of_history((*prior, accounting.Segment(sigma, 0.05, 200)), 1e-5, method)
+    assert 0.995 * 3.0 <= total <= 3.0
+    assert sigma > accounting.noise_multiplier(3.0, 1e-5, 0.05, 200, method)  # the prior left less budget
+    spent = accounting.epsilon_of_history(prior, 1e-5, method)
+    with pytest.raises(ValueError, match="unreachable"):
+        accounting.noise_multiplier(spent * 0.99, 1e-5, 0.05, 200, method, prior=prior)

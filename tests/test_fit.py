@@ -188,3 +188,27 @@ def test_budget_guard_stops_resumed_run_with_more_epochs(tmp_path):
     assert 3 <= more.steps < 150
     assert more.report.epsilon <= 2.0
     assert sum(s.steps for s in more.report.history) == more.steps
+
+
+def test_prior_history_is_composed_into_one_budget(tmp_path):
+    """A second stage on the same data spends only what the first left: one report covers both."""
+    first = dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(60), epsilon=1.0, delta=1e-3, epochs=1, batch_size=20, lr=0.1, quiet=True)
+    prior = first.report.history
+    second = dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(60), epsilon=2.0, delta=1e-3, epochs=1, batch_size=20, lr=0.1,
+                         quiet=True, prior=prior, checkpoint_dir=tmp_path)
+    report = second.report
+    assert report.history[0] == prior[0]
+    assert report.steps == first.steps + second.steps
+    total = accounting.epsilon_of_history(report.history, 1e-3)
+    assert total == pytest.approx(report.epsilon) and 0.97 * 2.0 <= total <= 2.0
+    # resuming the finished run with another prior is refused, not silently mis-accounted
+    with pytest.raises(ValueError, match="prior"):
+        dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(60), epsilon=2.0, delta=1e-3, epochs=1, batch_size=20, lr=0.1,
+                    quiet=True, prior=(), checkpoint_dir=tmp_path)
+
+
+def test_prior_needs_a_target_and_segments():
+    with pytest.raises(ValueError, match="needs a target epsilon"):
+        dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(60), epsilon=None, prior=(accounting.Segment(1.0, 0.1, 5),), quiet=True)
+    with pytest.raises(ValueError, match="accounting.Segment"):
+        dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(60), epsilon=1.0, delta=1e-3, prior=[(1.0, 0.1, 5)], quiet=True)

@@ -76,7 +76,7 @@ def test_profiles_resolve(profile):
     assert any(math.isinf(r.epsilon) for r in runs) and s["delta"] < 1 / s["private_train_size"]
     if profile == "default":
         assert sorted(s["epsilons"]) == [1, 3, 8, math.inf] and s["seeds"] == [0, 1] and s["blocks"] == [2]
-        assert len(runs) == 24
+        assert len(runs) == 32  # 4 methods x 4 epsilons x 2 seeds
 
 
 def test_config_errors(tmp_path):
@@ -121,8 +121,8 @@ def test_smoke_outputs_exist_and_are_consistent(smoke_out):
     rows = res.read_rows(smoke_out / sweep.CSV_NAME)
     assert list(rows[0]) == list(sweep.COLUMNS)
     s, _, _ = sweep.load_config(sweep.DEFAULT_CONFIG, "smoke")
-    assert len(rows) == 3 * len(s["epsilons"])
-    assert {r["label"] for r in rows} == {"FC", "TAFT-2", "NLFT-2"}
+    assert len(rows) == len(sweep.METHODS) * len(s["epsilons"])
+    assert {r["label"] for r in rows} == {"FC", "TAFT-2", "TAFT-2 (head first)", "NLFT-2"}
     for r in rows:
         assert r["status"] == "ok", r["error"]
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["wall_time_s"]) > 0 and int(r["steps"]) == 4

@@ -68,7 +68,8 @@ class Ledger:
         self.target_epsilon = target_epsilon
         self.delta = delta
         self.accountant = accounting.PrivacyAccountant(method=method)
-        self.reservations = 0
+        # Each reservation as written (the accountant merges equal neighbours).
+        self.entries: list[accounting.Segment] = []
         self._epsilon: tuple[int, float] = (-1, 0.0)  # (steps, ε) of the last computation
         # (σ, q) -> steps known to fit the budget (a lower bound) / the exact maximum.
         self._fits: dict[tuple[float, float], int] = {}
@@ -83,12 +84,16 @@ class Ledger:
             if not line.endswith(b"\n"):
                 break  # torn append: its fsync never returned, so its steps never ran
             entry = json.loads(line)
-            self.accountant.record(entry["noise_multiplier"], entry["sample_rate"], steps=entry["steps"])
-            self.reservations += 1
+            self._record(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
             good += len(line)
         if good < len(data):
             with open(path, "r+b") as f:
                 f.truncate(good)
+
+    @property
+    def reservations(self) -> int:
+        """Reservations written so far (lines of the ledger)."""
+        return len(self.entries)
 
     @property
     def steps(self) -> int:
@@ -140,5 +145,8 @@ class Ledger:
                 f.write(line + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+        self._record(noise_multiplier, sample_rate, steps)
+
+    def _record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         self.accountant.record(noise_multiplier, sample_rate, steps=steps)
-        self.reservations += 1
+        self.entries.append(accounting.Segment(noise_multiplier, sample_rate, steps))

@@ -1,0 +1,383 @@
+"""Shard experiment: accuracy of composed TAFT-k shard models, and the cost of removing one example.
+
+``python -m experiments.shards`` trains, for every (number of shards, target ε, seed) of
+``experiments/shards.toml``, one private TAFT-k model per disjoint shard of the default
+task's private training set (:func:`dp_taft.shards.fit_shards`), evaluates the composed
+model on the private test set, then forgets one random training example (seeded) and
+times that against retraining every shard. Data sizes, δ, the accountant and the TAFT
+hyperparameters come from ``experiments/sweep.toml`` (profile ``sweep_profile``), so the
+two experiments share one configuration. Outputs, in ``--out`` (default
+``results/shards-<timestamp>/``):
+
+* ``results.csv``: one row per configuration (see :data:`COLUMNS`), appended and fsynced
+  as it ends; rerunning with the same ``--out`` skips finished configurations (failed ones
+  too, unless ``--retry-failed``). A configuration killed midway restarts from scratch
+  (shard runs keep no checkpoints; with the same seeds the replay is identical);
+* ``reports/<run_id>.json``: the composed model's privacy statement and per-shard reports;
+* ``summary.md``: accuracy mean ± std over seeds (rows: shards, columns: target ε) and
+  the removal-time table (mean ± std over ε and seeds);
+* ``shards.png``: accuracy against the number of shards, one line per ε.
+
+Batch size per shard is ``round(batch_size / n_shards)``, which keeps each shard's sample
+rate q = batch / N_shard equal to the unsharded run's and, with the same epochs, the same
+number of steps (see ``shards.toml``). The reported ε of a configuration is the max over
+its shards (parallel composition; :class:`dp_taft.shards.ShardPrivacyReport`).
+
+Workers: ``--workers W`` trains W shards at once in spawned processes (each with
+cores // W threads). On 2 CPU cores this gains little: torch already uses both cores for
+one shard, and the processes pay start-up and copying costs. It also inflates the
+"removal vs full retrain" comparison's baseline, which sums the shards' training times.
+On a machine shared with other jobs, ``--threads 1`` is far faster for these small
+batches (seen: 8 s instead of 73 s per 1-shard quick configuration at load ~5 on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import random
+import sys
+import time
+import tomllib
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dp_taft import methods
+from dp_taft.shards import ShardAssignment, fit_shards
+from dp_taft.train import _evaluate  # private helper of dp_taft.train: (loss, accuracy) in eval mode
+from experiments import results as res
+from experiments import sweep as sw
+
+__all__ = ["COLUMNS", "DEFAULT_CONFIG", "load_config", "main", "write_outputs"]
+
+DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
+SHARD_KEYS = frozenset({"sweep_profile", "blocks", "n_shards", "epsilons", "seeds", "shard_key"})
+INHERITED_KEYS = frozenset({"delta", "accountant", "private_train_size", "test_size", "data_seed"})
+#: results.csv schema, one row per configuration attempt (the last row of a run_id counts).
+COLUMNS = (
+    "run_id", "n_shards", "seed", "target_epsilon", "epsilon", "per_shard_epsilon", "delta",
+    "accuracy", "accuracy_after_removal", "train_wall_time_s", "removal_wall_time_s", "full_retrain_time_s",
+    "speedup", "removed_id", "retrained_shard", "shard_sizes", "batch_size_per_shard", "sample_rate", "steps",
+    "status", "error", "k", "n_train", "n_test", "epochs", "batch_size", "lr", "workers", "settings", "finished_at",
+)
+CSV_NAME, SUMMARY_NAME, PLOT_NAME = "results.csv", "summary.md", "shards.png"
+
+
+# --------------------------------------------------------------------------- config
+def load_config(path: str | Path, profile: str, sweep_config: str | Path = sw.DEFAULT_CONFIG
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(settings, TAFT hyperparameters, TAFT non-private overrides) of ``profile`` in ``path``.
+
+    ``settings`` holds the shard keys and the data/privacy keys inherited from
+    ``sweep_config``'s profile ``sweep_profile``.
+    """
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+    bad = set(cfg) - {"shards", "profiles"}
+    if bad:
+        raise ValueError(f"{path}: unknown table(s) {sorted(bad)}; expected [shards], [profiles.*]")
+    profiles = cfg.get("profiles", {})
+    if profile not in profiles:
+        raise ValueError(f"{path}: no profile {profile!r}; profiles: {sorted(profiles)}")
+    prof = dict(profiles[profile])
+    prof_hp = prof.pop("hparams", {})
+    settings = dict(cfg.get("shards", {}))
+    for where, table in ((f"{path} [shards]", settings), (f"{path} [profiles.{profile}]", prof)):
+        unknown = set(table) - SHARD_KEYS - INHERITED_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(SHARD_KEYS | INHERITED_KEYS)}")
+    settings.update(prof)
+    missing = SHARD_KEYS - set(settings)
+    if missing:
+        raise ValueError(f"{path}: missing setting(s) {sorted(missing)}")
+    sweep, hparams, nonprivate = sw.load_config(sweep_config, settings["sweep_profile"])
+    settings = {**{k: sweep[k] for k in INHERITED_KEYS}, **settings}
+    shared, per = sw._split(prof_hp, f"[profiles.{profile}.hparams]")  # private helper of experiments.sweep
+    if set(per) - {"taft"}:
+        raise ValueError(f"[profiles.{profile}.hparams]: only a [.taft] sub-table makes sense here, got {sorted(per)}")
+    hp = {**hparams["taft"], **shared, **per.get("taft", {})}
+    return settings, hp, dict(nonprivate["taft"])
+
+
+def _check(settings: dict[str, Any]) -> None:
+    def ints(name: str, low: int) -> None:
+        v = settings[name]
+        if not (isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) and x >= low
+                                                  for x in v)):
+            raise ValueError(f"{name} must be a non-empty list of integers >= {low}, got {v!r}")
+
+    ints("n_shards", 1)
+    ints("seeds", 0)
+    sw._check_sweep({**settings, "methods": ["taft"], "blocks": [settings["blocks"]]})  # ε, δ, sizes
+
+
+def _delta_error(settings: dict[str, Any], n: int) -> str | None:
+    """Why δ is too large for the smallest shard of any planned partition (None if fine)."""
+    for n_shards in settings["n_shards"]:
+        sizes = shard_sizes(n, n_shards, settings["shard_key"])
+        smallest = min(sizes)
+        if smallest < 2 or not settings["delta"] < 1 / smallest:
+            return (f"delta={settings['delta']:g} is not below 1/N_shard = 1/{smallest} for the smallest of "
+                    f"{n_shards} shards of N={n}; use a smaller --delta, fewer shards or more data")
+    return None
+
+
+def shard_sizes(n: int, n_shards: int, key: int) -> list[int]:
+    """Examples per shard of the hash partition of ids 0..n-1 (what fit_shards uses with ids=None)."""
+    a = ShardAssignment.create(range(n), n_shards, key)
+    return [a.shards.count(s) for s in range(n_shards)]
+
+
+def run_id(n_shards: int, epsilon: float, seed: int) -> str:
+    return f"shards{n_shards}_eps{sw.eps_name(epsilon)}_seed{seed}"
+
+
+# --------------------------------------------------------------------------- one configuration
+def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any], out: Path, *,
+            workers: int, device: str, quiet: bool) -> dict[str, Any]:
+    """Train the shards, evaluate the composition, forget one example; returns the CSV row."""
+    hp = dict(run.hparams)
+    rid = run_id(n_shards, run.epsilon, run.seed)
+    n = len(task.train)
+    batch = max(1, round(hp["batch_size"] / n_shards))
+    sizes = shard_sizes(n, n_shards, settings["shard_key"])
+    row: dict[str, Any] = {
+        "run_id": rid, "n_shards": n_shards, "seed": run.seed, "target_epsilon": run.epsilon, "k": run.k,
+        "n_train": n, "n_test": len(task.test), "epochs": hp["epochs"], "batch_size": hp["batch_size"],
+        "lr": hp["lr"], "workers": workers, "batch_size_per_shard": batch,
+        "shard_sizes": ";".join(map(str, sizes)), "settings": _settings(run, n_shards, task, settings),
+    }
+    private = math.isfinite(run.epsilon)
+    physical = hp.pop("physical_batch_size", 0) or None
+    hp["batch_size"] = batch
+    details: dict[str, Any] = {"run_id": rid, "hparams": hp, "task": task.info, "settings": settings}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = methods.taft(task.backbone(run.seed), run.k)
+            start = time.perf_counter()
+            shards = fit_shards(
+                model, task.train, n_shards, key=settings["shard_key"], seed=run.seed, workers=workers,
+                epsilon=run.epsilon if private else None, delta=settings["delta"] if private else None,
+                accountant=settings["accountant"], physical_batch_size=physical, device=device, quiet=quiet, **hp,
+            )
+            row["train_wall_time_s"] = round(time.perf_counter() - start, 3)
+            row["accuracy"] = accuracy(shards.composed, task.test, device)
+            report = shards.report
+            if report is not None:
+                row.update(epsilon=report.epsilon, delta=report.delta,
+                           per_shard_epsilon=";".join(f"{r.epsilon:.4g}" for r in report.per_shard),
+                           sample_rate=";".join(f"{r.history[0].sample_rate:.4g}" for r in report.per_shard),
+                           steps=";".join(str(sum(s.steps for s in r.history)) for r in report.per_shard))
+                rel = Path("reports") / f"{rid}.json"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_text(json.dumps({"statement": report.statement(), "epsilon": report.epsilon,
+                                                   "delta": report.delta,
+                                                   "per_shard": [json.loads(r.to_json()) for r in report.per_shard]},
+                                                  indent=1))
+            else:
+                row.update(epsilon=math.inf, per_shard_epsilon=";".join(["inf"] * n_shards))
+            removed = random.Random(f"forget:{run.seed}").randrange(n)  # fixed per seed across shard counts
+            forgot = shards.forget([removed])
+            row.update(removed_id=removed, retrained_shard=";".join(map(str, forgot.retrained_shards)),
+                       removal_wall_time_s=round(forgot.wall_time_s, 3),
+                       full_retrain_time_s=round(forgot.full_retrain_time_s, 3), speedup=forgot.speedup,
+                       accuracy_after_removal=accuracy(shards.composed, task.test, device), status="ok", error="")
+        except Exception as e:  # noqa: BLE001 -- a failed configuration is recorded and the experiment goes on
+            row.update(status="failed", error=f"{type(e).__name__}: {e}".replace("\n", " ")[:1000])
+            details["traceback"] = traceback.format_exc()
+    row["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
+    details["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    details["row"] = {k: res.format_number(v) for k, v in row.items()}
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{rid}.json").write_text(json.dumps(details, indent=1, default=str))
+    return row
+
+
+def accuracy(model: nn.Module, data: Any, device: str) -> float:
+    model.to(device)
+    return _evaluate(model, data, nn.CrossEntropyLoss(), 500, torch.device(device))[1]
+
+
+def _settings(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any]) -> str:
+    """sweep.settings_hash of the run, with the shard partition and accountant settings folded in."""
+    extra = (("shard_key", settings["shard_key"]), ("n_shards", n_shards))
+    return sw.settings_hash(sw.Run(run.method, run.k, run.seed, run.epsilon, run.hparams + extra), task,
+                            {"delta": settings["delta"], "accountant": settings["accountant"]})
+
+
+# --------------------------------------------------------------------------- outputs
+def _eps_label(e: str) -> str:
+    return "∞ (non-private)" if math.isinf(float(e)) else f"ε = {float(e):g}"
+
+
+def write_outputs(out: Path) -> list[dict[str, str]]:
+    """(Re)write summary.md and shards.png from results.csv; returns the counted rows."""
+    rows = list(res.latest(res.read_rows(out / CSV_NAME), ("run_id",)).values())
+    if not rows:
+        return []
+    seeds = sorted({r["seed"] for r in rows}, key=int)
+    shard_order = sorted({r["n_shards"] for r in rows}, key=int)
+    eps_order = sorted({r["target_epsilon"] for r in rows}, key=float)
+    one = lambda c: ", ".join(sorted({r[c] for r in rows if r[c]})) or "—"  # noqa: E731
+    # removal table: one long-format row per (configuration, quantity), so markdown_table aggregates over ε and seeds
+    quantities = {"train_wall_time_s": "train all shards (s)", "removal_wall_time_s": "remove 1 example (s)",
+                  "full_retrain_time_s": "retrain all shards (s)", "speedup": "speedup (×)",
+                  "accuracy_after_removal": "accuracy after removal (%)"}
+    long = [{"n_shards": r["n_shards"], "status": r["status"], "quantity": q,
+             "value": str(100 * res.to_float(r[q])) if q.startswith("accuracy") and r[q] else r[q]}
+            for r in rows for q in quantities]
+    lines = [
+        "# Shard composition and removal (TAFT)",
+        "",
+        f"Test accuracy (%) of the composed TAFT-{one('k')} model, mean ± std over seeds {', '.join(seeds)} "
+        f"(sample std; n shown where fewer runs succeeded). N = {one('n_train')} private training examples "
+        f"split by a keyed hash into n shards, {one('n_test')} test examples, δ = "
+        f"{', '.join(sorted({r['delta'] for r in rows if r['delta']})) or '—'}, {one('epochs')} epoch(s); batch "
+        f"{one('batch_size')} unsharded, round(batch / n) per shard (same sample rate and steps per shard). "
+        "Columns are the target ε of every shard; the composed model's ε is the max over shards "
+        "(parallel composition) and is at most its target (see results.csv and reports/).",
+        "",
+        res.markdown_table(rows, row="n_shards", col="target_epsilon", value="accuracy", row_order=shard_order,
+                           col_order=eps_order, col_label=_eps_label, corner="shards", scale=100, digits=1,
+                           expected_n=len(seeds)),
+        "Removing one training example (seeded random id) retrains only its shard; \"retrain all shards\" is the "
+        "sum of the shards' training times (what a full retrain costs on one worker). Mean ± std over ε and seeds:",
+        "",
+        res.markdown_table(long, row="n_shards", col="quantity", value="value", row_order=shard_order,
+                           col_order=list(quantities), col_label=quantities.get, corner="shards", digits=2),
+    ]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]
+    (out / SUMMARY_NAME).write_text("\n".join(lines))
+    res.plot_curves(out / PLOT_NAME, rows, x="n_shards", y="accuracy", group="target_epsilon", group_order=eps_order,
+                    group_label=_eps_label, xlabel="number of shards (log scale)", ylabel="test accuracy (%)",
+                    scale=100, title=f"Composed TAFT-{one('k')} shards (N = {one('n_train')}, "
+                    + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"))
+    return rows
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.shards", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file of this experiment")
+    p.add_argument("--sweep-config", type=Path, default=sw.DEFAULT_CONFIG,
+                   help="the sweep's TOML config (data sizes, δ, TAFT hyperparameters)")
+    prof = p.add_mutually_exclusive_group()
+    prof.add_argument("--profile", default="default", help="profile of the config file")
+    prof.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                      help="profile 'quick': 2k examples, shards 1/2/4, 1 seed, 1 epoch (~3 min)")
+    prof.add_argument("--smoke", dest="profile", action="store_const", const="smoke", help="profile 'smoke': tests")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default results/shards-<timestamp>/); "
+                   "an existing one is resumed")
+    p.add_argument("--n-shards", nargs="+", type=int, help="override the config's shard counts")
+    p.add_argument("--epsilons", nargs="+", type=float, help="target ε values; inf = non-private")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--blocks", type=int, help="k of TAFT-k")
+    p.add_argument("--private-train-size", type=int, help="private training examples (0 = all)")
+    p.add_argument("--test-size", type=int, help="test examples (0 = all)")
+    p.add_argument("--delta", type=float)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="[nonprivate.]KEY=VALUE",
+                   help="TAFT hyperparameter override, e.g. --set lr=1.0 --set epochs=5 (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="shards trained in parallel (processes); see module doc")
+    p.add_argument("--checkpoint", type=Path, help="weights of the default ViT (state dict) instead of the shipped "
+                   "pretrained one")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun configurations recorded as failed")
+    p.add_argument("--quiet", action="store_true", help="no per-shard progress bars")
+    p.add_argument("--report-only", action="store_true", help="only rewrite summary.md and the plot from results.csv")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    # what experiments.sweep.build_task reads: the default task and ViT only
+    args.dataset, args.model, args.pretrained, args.timm_kwargs = "default", "default", True, None
+    args.data_root, args.download = Path("data"), False
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the experiment; returns 0 (failed configurations are recorded, not fatal), 2 on a bad configuration."""
+    args = parse_args(argv)
+    out = args.out or Path("results") / f"shards-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if args.report_only:
+        if args.out is None:
+            print("error: --report-only needs --out", file=sys.stderr)
+            return 2
+        rows = write_outputs(out)
+        print(f"{len(rows)} runs in {out / CSV_NAME}; wrote {out / SUMMARY_NAME} and {out / PLOT_NAME}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        settings, hp, nonprivate = load_config(args.config, args.profile, args.sweep_config)
+        for key in ("n_shards", "epsilons", "seeds", "blocks", "private_train_size", "test_size", "delta"):
+            if getattr(args, key) is not None:
+                settings[key] = getattr(args, key)
+        hparams = {m: dict(hp) for m in sw.METHODS}
+        nonpriv = {m: dict(nonprivate) for m in sw.METHODS}
+        sw.apply_sets(hparams, args.sets, nonpriv)
+        _check(settings)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    task = sw.build_task(args, settings)
+    n = len(task.train)
+    err = _delta_error(settings, n)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    base_runs = sw.plan_runs({**settings, "methods": ["taft"], "blocks": [settings["blocks"]]}, hparams, nonpriv)
+    plan = [(r, s) for seed in settings["seeds"] for s in settings["n_shards"] for r in base_runs if r.seed == seed]
+    out.mkdir(parents=True, exist_ok=True)
+    done = res.latest(res.read_rows(out / CSV_NAME), ("run_id",))
+    key = lambda r, s: (run_id(s, r.epsilon, r.seed),)  # noqa: E731
+    conflicts = [k[0] for r, s in plan if (k := key(r, s)) in done
+                 and done[k]["settings"] != _settings(r, s, task, settings)]
+    if conflicts:
+        print(f"error: {out} holds runs made with other settings ({', '.join(conflicts[:5])}): rerun with the same "
+              "config, profile and options to resume, or use a new --out", file=sys.stderr)
+        return 2
+    pending = [(r, s) for r, s in plan
+               if not ((prev := done.get(key(r, s))) and (prev["status"] == "ok" or not args.retry_failed))]
+    with open(out / "invocations.jsonl", "a") as f:
+        f.write(json.dumps({"at": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "argv": list(argv) if argv is not None else sys.argv[1:], "profile": args.profile,
+                            "settings": settings, "hparams": hp, "nonprivate": nonprivate, "task": task.info,
+                            "workers": args.workers, "runs": len(plan), "pending": len(pending)}, default=str) + "\n")
+    print(f"shards: {len(plan)} configurations ({len(plan) - len(pending)} already done), profile {args.profile!r}, "
+          f"N = {n}, test {len(task.test)}, out {out}", flush=True)
+    started, failures = time.perf_counter(), 0
+    try:
+        for i, (run, s) in enumerate(pending, 1):
+            row = run_one(run, s, task, settings, out, workers=args.workers, device=args.device, quiet=args.quiet)
+            res.append_row(out / CSV_NAME, row, COLUMNS)
+            if row["status"] == "ok":
+                eps = "∞" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3f}"
+                msg = (f"[{i}/{len(pending)}] {row['run_id']}: accuracy {100 * row['accuracy']:.1f}%, ε {eps}, "
+                       f"train {row['train_wall_time_s']:.1f} s, removal {row['removal_wall_time_s']:.1f} s "
+                       f"vs {row['full_retrain_time_s']:.1f} s ({row['speedup']:.1f}×)")
+            else:
+                failures += 1
+                msg = f"[{i}/{len(pending)}] {row['run_id']}: FAILED ({row['error'][:200]})"
+            print(msg, flush=True)
+    finally:
+        write_outputs(out)
+    print(f"done in {time.perf_counter() - started:.0f} s: {out / CSV_NAME}, {out / SUMMARY_NAME}, {out / PLOT_NAME}"
+          + (f"; {failures} configuration(s) failed (see summary.md)" if failures else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Two-stage TAFT (probe head, then tangent around it) under one budget."""
+
+from __future__ import annotations
+
+import accounting
+import pytest
+import torch
+
+from dp_taft.head_first import fit_head_first
+from fit_cases import easy_dataset, tiny_vit
+
+
+def test_one_budget_covers_both_stages():
+    data = easy_dataset(80)
+    model = tiny_vit()
+    head_before = model.head.weight.detach().clone()
+    result = fit_head_first(model, 1, data, epsilon=2.0, delta=1e-3, head_epochs=1, epochs=2,
+                            batch_size=20, lr=0.2, quiet=True)
+    report = result.report
+    assert 0.97 * 2.0 <= report.epsilon <= 2.0
+    assert report.epsilon == pytest.approx(accounting.epsilon_of_history(report.history, 1e-3))
+    assert report.steps == 4 + 8  # the probe's 4 steps are in the ledger, then TAFT's 8
+    # the tangent model is linearized around the trained head, not the original one
+    tangent = result.model
+    assert not torch.equal(tangent.head.weight0, head_before)
+    assert torch.equal(model.head.weight, head_before)  # the input model is untouched
+
+
+def test_non_private():
+    result = fit_head_first(tiny_vit(), 1, easy_dataset(40), epsilon=None, head_epochs=1, epochs=1,
+                            batch_size=20, lr=0.1, quiet=True)
+    assert result.report is None and result.steps == 2
