@@ -13,6 +13,7 @@ covers both.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,8 @@ def fit_head_first(
         checkpoint_dir: stage checkpoints go to its ``head/`` and ``taft/`` subfolders.
 
     Returns:
-        Stage 2's :class:`FitResult`: the tangent model (around the trained head); its
-        ``report`` covers both stages; ``history`` and ``steps`` are stage 2's.
+        Stage 2's :class:`FitResult` (the tangent model, around the trained head) with
+        ``steps`` counting both stages, as its ``report`` does; ``history`` is stage 2's.
     """
     n = len(train_set)
     stage_dirs = (None, None) if checkpoint_dir is None else (Path(checkpoint_dir) / "head", Path(checkpoint_dir) / "taft")
@@ -77,6 +78,7 @@ def fit_head_first(
                 epochs=head_epochs, lr=lr if head_lr is None else head_lr, checkpoint_dir=stage_dirs[0], **common)
     backbone = copy.deepcopy(model)
     backbone.head.load_state_dict(probe.head.state_dict())
-    return fit(linearize(backbone, blocks), train_set, epsilon=epsilon, delta=delta if epsilon is not None else None,
-               epochs=epochs, lr=lr, checkpoint_dir=stage_dirs[1],
-               prior=first.report.history if first.report is not None else (), **common)
+    second = fit(linearize(backbone, blocks), train_set, epsilon=epsilon, delta=delta if epsilon is not None else None,
+                 epochs=epochs, lr=lr, checkpoint_dir=stage_dirs[1],
+                 prior=first.report.history if first.report is not None else (), **common)
+    return dataclasses.replace(second, steps=first.steps + second.steps)

@@ -48,7 +48,7 @@ from .privacy.validate import (
     require_trainable,
 )
 
-__all__ = ["fit", "FitResult", "EpochRecord", "OPTIMIZERS", "ACCOUNTANTS"]
+__all__ = ["fit", "evaluate", "FitResult", "EpochRecord", "OPTIMIZERS", "ACCOUNTANTS"]
 
 #: name -> factory(params, lr, momentum, weight_decay).
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -334,7 +334,7 @@ def fit(
             while run.epoch < epochs and not stopped:
                 started = time.perf_counter()
                 stopped = epochs_runner.run(run, train_data, f"epoch {run.epoch + 1}/{epochs}", save)
-                eval_loss, eval_acc = (None, None) if eval_data is None else _evaluate(module, eval_data, criterion, physical, device)
+                eval_loss, eval_acc = (None, None) if eval_data is None else evaluate(module, eval_data, criterion, physical, device)
                 loss_sum, seen = run.partial_loss
                 history.append(EpochRecord(
                     epoch=run.epoch, train_loss=loss_sum / seen if seen else math.nan, eval_loss=eval_loss,
@@ -578,9 +578,10 @@ def _train_physical_batch(gsm: nn.Module, dp_opt: DPOptimizer, loss_fn: Callable
 
 
 @torch.no_grad()
-def _evaluate(module: nn.Module, data: Dataset, criterion: nn.Module, batch_size: int,
-              device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy in [0, 1]) of ``module`` on ``data``, in eval mode."""
+@torch.no_grad()
+def evaluate(module: nn.Module, data: Dataset, criterion: nn.Module, batch_size: int,
+             device: torch.device) -> tuple[float, float]:
+    """(mean loss, accuracy in [0, 1]) of ``module`` on ``data`` of (input, label), in eval mode."""
     module.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):

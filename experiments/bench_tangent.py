@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 import dp_taft
 from dp_taft import methods
+from dp_taft.privacy.data import FromPrefix
 
 K = 2
 MODELS: dict[str, tuple[dict, int]] = {
@@ -45,17 +46,6 @@ MODELS: dict[str, tuple[dict, int]] = {
     "vit_b16": (dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=10), 32),
 }
 NOISE, CLIP = 1.0, 1.0
-
-
-class FromPrefix(nn.Module):
-    """Module view whose forward starts from cached prefix tokens (what Opacus wraps)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.inner.forward_from_prefix(h)
 
 
 def build(name: str, device: str, batch: int | None = None) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:

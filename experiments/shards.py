@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from dp_taft import methods
 from dp_taft.shards import ShardAssignment, fit_shards
-from dp_taft.train import _evaluate  # private helper of dp_taft.train: (loss, accuracy) in eval mode
+from dp_taft.train import evaluate
 from experiments import results as res
 from experiments import sweep as sw
 
@@ -204,7 +204,7 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
 
 def accuracy(model: nn.Module, data: Any, device: str) -> float:
     model.to(device)
-    return _evaluate(model, data, nn.CrossEntropyLoss(), 500, torch.device(device))[1]
+    return evaluate(model, data, nn.CrossEntropyLoss(), 500, torch.device(device))[1]
 
 
 def _settings(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ def test_one_budget_covers_both_stages():
     report = result.report
     assert 0.97 * 2.0 <= report.epsilon <= 2.0
     assert report.epsilon == pytest.approx(accounting.epsilon_of_history(report.history, 1e-3))
-    assert report.steps == 4 + 8  # the probe's 4 steps are in the ledger, then TAFT's 8
+    assert report.steps == result.steps == 4 + 8  # the probe's 4 steps are in the ledger, then TAFT's 8
     # the tangent model is linearized around the trained head, not the original one
     tangent = result.model
     assert not torch.equal(tangent.head.weight0, head_before)
@@ -29,4 +29,4 @@ def test_one_budget_covers_both_stages():
 def test_non_private():
     result = fit_head_first(tiny_vit(), 1, easy_dataset(40), epsilon=None, head_epochs=1, epochs=1,
                             batch_size=20, lr=0.1, quiet=True)
-    assert result.report is None and result.steps == 2
+    assert result.report is None and result.steps == 2 + 2

@@ -14,6 +14,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch.func import functional_call, grad, vmap
 
 import dp_taft
+from dp_taft.privacy.data import FromPrefix
 from vit_cases import VARIANTS, images, make_vit, randomize_deltas
 
 KAPPA = 15.0
@@ -74,18 +75,10 @@ def test_hooks_match_vmap_grad(variant, kind):
     names = {id(p): n for n, p in tangent.named_parameters()}
     trainable = {n: p.detach() for n, p in tangent.named_parameters() if p.requires_grad}
 
-    class FromPrefix(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, h):
-            return self.inner.forward_from_prefix(h)
-
     view = FromPrefix(tangent)  # trains on cached prefix tokens, as fit does
 
     def loss_ref(params, h1, y1):
-        logits = functional_call(view, {f"inner.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
+        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
         return per_example_loss(logits, y1[None], kind).sum()
 
     reference = vmap(grad(loss_ref), in_dims=(None, 0, 0))(trainable, h, y)

@@ -28,7 +28,7 @@ from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from ..tangent.layerscale import DeltaScale
 from ..tangent.linear import DeltaLinear
 
-__all__ = ["compute_scale_grad_sample", "EXACT_LAYER_TYPES"]
+__all__ = ["compute_scale_grad_sample"]
 
 GradSamples = dict[nn.Parameter, torch.Tensor]
 Sampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], GradSamples]
@@ -77,9 +77,3 @@ def _norm_sampler_from(grad_sampler: Sampler) -> Sampler:
 
 register_norm_sampler([DeltaScale, timm.layers.LayerScale])(_norm_sampler_from(compute_scale_grad_sample))
 register_norm_sampler([nn.LayerNorm, timm.layers.LayerNorm])(_norm_sampler_from(compute_layer_norm_grad_sample))
-
-#: Layer classes whose per-sample gradients Opacus computes exactly with a registered
-#: sampler after this module is imported (used to refuse silent functorch fallback).
-EXACT_LAYER_TYPES: frozenset[type[nn.Module]] = frozenset(
-    {nn.Linear, DeltaLinear, nn.LayerNorm, timm.layers.LayerNorm, timm.layers.LayerScale, DeltaScale}
-)
