@@ -1,6 +1,5 @@
 """The command line: python -m accounting {epsilon,noise}."""
 
-import json
 import subprocess
 import sys
 
