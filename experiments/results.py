@@ -19,6 +19,7 @@ import csv
 import io
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -347,3 +348,13 @@ def plot_curves(
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def rewrite_outputs(out: Path | None, write: Callable[[Path], list], names: Sequence[str]) -> int:
+    """``--report-only``: rewrite an experiment's table and plot from its CSV; exit status (2: no ``out``)."""
+    if out is None:
+        print("error: --report-only needs --out (the experiment's output directory)", file=sys.stderr)
+        return 2
+    rows = write(out)
+    print(f"{len(rows)} runs in {out / names[0]}; wrote {', '.join(str(out / n) for n in names[1:])}")
+    return 0

@@ -311,12 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out or Path("results") / f"shards-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if args.report_only:
-        if args.out is None:
-            print("error: --report-only needs --out", file=sys.stderr)
-            return 2
-        rows = write_outputs(out)
-        print(f"{len(rows)} runs in {out / CSV_NAME}; wrote {out / SUMMARY_NAME} and {out / PLOT_NAME}")
-        return 0
+        return res.rewrite_outputs(args.out, write_outputs, (CSV_NAME, SUMMARY_NAME, PLOT_NAME))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -18,17 +18,6 @@ from experiments import shards
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    from experiments.data import default_model
-
-    path = tmp_path_factory.mktemp("ckpt") / "random_default_vit.pt"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        torch.save(default_model(5).state_dict(), path)
-    return path
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _restore_threads():
     """The runs use --threads 1 (tiny batches: 1 thread is faster, and far faster on a busy machine)."""

@@ -95,17 +95,6 @@ def test_config_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    from experiments.data import default_model
-
-    path = tmp_path_factory.mktemp("ckpt") / "random_default_vit.pt"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        torch.save(default_model(5).state_dict(), path)
-    return path
-
-
 def _smoke(out: Path, backbone_file: Path, *extra: str) -> int:
     return sweep.main(["--smoke", "--checkpoint", str(backbone_file), "--out", str(out), "--no-progress", *extra])
 
