@@ -358,3 +358,8 @@ def rewrite_outputs(out: Path | None, write: Callable[[Path], list], names: Sequ
     rows = write(out)
     print(f"{len(rows)} runs in {out / names[0]}; wrote {', '.join(str(out / n) for n in names[1:])}")
     return 0
+
+
+def epsilon_label(e: str) -> str:
+    """Column or legend label of a target epsilon written in a CSV: "ε = 3" or "∞ (non-private)"."""
+    return "∞ (non-private)" if math.isinf(float(e)) else f"ε = {float(e):g}"

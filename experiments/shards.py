@@ -215,10 +215,6 @@ def _settings(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any
 
 
 # --------------------------------------------------------------------------- outputs
-def _eps_label(e: str) -> str:
-    return "∞ (non-private)" if math.isinf(float(e)) else f"ε = {float(e):g}"
-
-
 def write_outputs(out: Path) -> list[dict[str, str]]:
     """(Re)write summary.md and shards.png from results.csv; returns the counted rows."""
     rows = list(res.latest(res.read_rows(out / CSV_NAME), ("run_id",)).values())
@@ -247,7 +243,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         "(parallel composition) and is at most its target (see results.csv and reports/).",
         "",
         res.markdown_table(rows, row="n_shards", col="target_epsilon", value="accuracy", row_order=shard_order,
-                           col_order=eps_order, col_label=_eps_label, corner="shards", scale=100, digits=1,
+                           col_order=eps_order, col_label=res.epsilon_label, corner="shards", scale=100, digits=1,
                            expected_n=len(seeds)),
         "Removing one training example (seeded random id) retrains only its shard; \"retrain all shards\" is the "
         "sum of the shards' training times (what a full retrain costs on one worker). Mean ± std over ε and seeds:",
@@ -260,7 +256,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]
     (out / SUMMARY_NAME).write_text("\n".join(lines))
     res.plot_curves(out / PLOT_NAME, rows, x="n_shards", y="accuracy", group="target_epsilon", group_order=eps_order,
-                    group_label=_eps_label, xlabel="number of shards (log scale)", ylabel="test accuracy (%)",
+                    group_label=res.epsilon_label, xlabel="number of shards (log scale)", ylabel="test accuracy (%)",
                     scale=100, title=f"Composed TAFT-{one('k')} shards (N = {one('n_train')}, "
                     + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"))
     return rows

@@ -428,10 +428,6 @@ def _label_order(rows: Sequence[res.Row]) -> list[str]:
     return list(dict.fromkeys(r["label"] for r in sorted(rows, key=key)))
 
 
-def _eps_header(e: str) -> str:
-    return "∞ (non-private)" if math.isinf(float(e)) else f"ε = {float(e):g}"
-
-
 def write_outputs(out: Path) -> list[dict[str, str]]:
     """(Re)write summary.md and privacy_utility.png from results.csv; returns the counted rows."""
     rows = list(res.latest(res.read_rows(out / CSV_NAME), ("run_id",)).values())
@@ -452,12 +448,12 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         "(every reported ε is at most its target; see results.csv and reports/).",
         "",
         res.markdown_table(rows, row="label", col="target_epsilon", value="accuracy", row_order=order,
-                           col_order=cols, col_label=_eps_header, corner="method", scale=100, digits=1,
+                           col_order=cols, col_label=res.epsilon_label, corner="method", scale=100, digits=1,
                            expected_n=len(seeds)),
         "Mean wall time per run (s):",
         "",
         res.markdown_table(rows, row="label", col="target_epsilon", value="wall_time_s", row_order=order,
-                           col_order=cols, col_label=_eps_header, corner="method", digits=0),
+                           col_order=cols, col_label=res.epsilon_label, corner="method", digits=0),
     ]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
