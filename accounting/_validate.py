@@ -75,3 +75,34 @@ def method(value: object, name: str = "method") -> str:
     if value not in METHODS:
         raise ValueError(f"{name} must be one of {METHODS}, got {value!r}")
     return str(value)
+
+
+def epsilon_bound(value: object, name: str = "epsilon") -> float:
+    """An epsilon a report states (an upper bound, possibly infinite), valid range [0, inf]."""
+    e = _real(name, value, "[0, inf]")
+    if e < 0.0:
+        raise ValueError(f"{name} must be in [0, inf], got {value!r}")
+    return e
+
+
+def tolerance(value: object, name: str = "tolerance") -> float:
+    """Relative slack when comparing epsilons, valid range [0, inf)."""
+    t = _real(name, value, "[0, inf)")
+    if not 0.0 <= t < math.inf:
+        raise ValueError(f"{name} must be in [0, inf), got {value!r}")
+    return t
+
+
+def stage_labels(value: object, name: str = "stages") -> tuple[str, ...]:
+    """Stage names such as ``("head", "taft")``: a sequence of non-empty single-line strings (may be empty)."""
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be a sequence of labels such as ('head', 'taft'), not the string {value!r}")
+    try:
+        labels = tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of labels such as ('head', 'taft'), got {value!r}") from None
+    for label in labels:
+        # The statement is one paragraph: a label with a line break or control character would break it.
+        if not isinstance(label, str) or not label.strip() or not label.isprintable():
+            raise ValueError(f"each label in {name} must be a non-empty single-line string, got {label!r}")
+    return labels

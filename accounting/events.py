@@ -74,10 +74,11 @@ class ComposedEvent:
 
 
 Event = Union[GaussianEvent, PoissonSampledEvent, SelfComposedEvent, ComposedEvent]
+EVENT_TYPES = (GaussianEvent, PoissonSampledEvent, SelfComposedEvent, ComposedEvent)
 
 
 def _check_event(event: object) -> None:
-    if not isinstance(event, (GaussianEvent, PoissonSampledEvent, SelfComposedEvent, ComposedEvent)):
+    if not isinstance(event, EVENT_TYPES):
         raise ValueError(f"event must be an accounting event, got {type(event).__name__}")
 
 
@@ -131,16 +132,17 @@ def to_segments(event: Event) -> tuple[Segment, ...]:
     raise AssertionError("unreachable")
 
 
+def history_items(history: object) -> tuple:
+    """The items of a history: a lone segment or event is a history of one item."""
+    if isinstance(history, (Segment, *EVENT_TYPES)):
+        return (history,)
+    return tuple(history)  # type: ignore[call-overload]
+
+
 def as_segments(history: object) -> tuple[Segment, ...]:
     """Normalise an event, a segment or a sequence of either into a tuple of non-empty segments."""
-    if isinstance(history, Segment):
-        items: tuple = (history,)
-    elif isinstance(history, (GaussianEvent, PoissonSampledEvent, SelfComposedEvent, ComposedEvent)):
-        return to_segments(history)
-    else:
-        items = tuple(history)  # type: ignore[arg-type]
     out: list[Segment] = []
-    for item in items:
+    for item in history_items(history):
         if isinstance(item, Segment):
             if item.steps:
                 out.append(item)

@@ -131,9 +131,11 @@ def _loss_to_x(v: np.ndarray, q: float, sigma: float) -> np.ndarray:
     """Inverse of L(x) = log(1 - q + q exp((2x-1)/(2 s^2))); -inf where v <= log(1-q)."""
     if q == 1.0:
         return sigma**2 * v + 0.5
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.expm1(v) + q
-        return np.where(t > 0, sigma**2 * (np.log(np.maximum(t, 0)) - math.log(q)) + 0.5, -np.inf)
+    # log(e^v - (1 - q)) without forming e^v, which overflows for v > 709 (tiny sigma) and
+    # would collapse the loss distribution's tail onto one point: an under-reported epsilon.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        log_t = v + np.log1p(-(1.0 - q) * np.exp(-v))
+    return np.where(v > math.log1p(-q), sigma**2 * (log_t - math.log(q)) + 0.5, -np.inf)
 
 
 def _loss_range(q: float, sigma: float) -> tuple[float, float]:

@@ -22,6 +22,7 @@ import timm.models.vision_transformer as vit
 from torch.utils.data import Dataset
 
 from .methods import linear_probe
+from .privacy.randomness import derive_seed
 from .tangent import linearize
 from .train import FitResult, fit
 
@@ -56,29 +57,39 @@ def fit_head_first(
         epsilon, delta: the target of the WHOLE procedure (δ defaults to 1/(10·N)); None
             trains both stages non-privately.
         head_epochs: epochs of the probe stage (>= 1); head_lr: its learning rate (default ``lr``).
-        epochs, batch_size, lr, **fit_kwargs: as :func:`dp_taft.fit`, for both stages.
+        epochs, batch_size, lr, **fit_kwargs: as :func:`dp_taft.fit`, for both stages (its
+            ``accountant`` also splits the budget). ``seed`` None (default): secret randomness;
+            an integer gives each stage its own derived seed (reproducible; voids the guarantee
+            if published).
         checkpoint_dir: stage checkpoints go to its ``head/`` and ``taft/`` subfolders.
 
     Returns:
         Stage 2's :class:`FitResult` (the tangent model, around the trained head) with
-        ``steps`` counting both stages, as its ``report`` does; ``history`` is stage 2's.
+        ``steps`` counting both stages, as its ``report`` does (segments labelled "head" and
+        "taft"); ``history`` is stage 2's.
     """
     n = len(train_set)
     stage_dirs = (None, None) if checkpoint_dir is None else (Path(checkpoint_dir) / "head", Path(checkpoint_dir) / "taft")
+    seed = fit_kwargs.pop("seed", None)
+    # Explicitly seeded runs give each stage its own stream: reusing one seed would draw
+    # the same noise in both stages, which the composed accounting does not cover.
+    seeds = (None, None) if seed is None else (derive_seed(seed, 1), derive_seed(seed, 2))
     common = dict(batch_size=batch_size, **fit_kwargs)
     head_epsilon = None
     if epsilon is not None:
         delta = 1.0 / (10 * n) if delta is None else delta
         q = batch_size / n
         per_epoch = max(1, round(1 / q))
-        sigma = accounting.noise_multiplier(epsilon, delta, q, (head_epochs + epochs) * per_epoch)
-        head_epsilon = accounting.epsilon(sigma, q, head_epochs * per_epoch, delta)
+        method = fit_kwargs.get("accountant", "pld")
+        sigma = accounting.noise_multiplier(epsilon, delta, q, (head_epochs + epochs) * per_epoch, method=method)
+        head_epsilon = accounting.epsilon(sigma, q, head_epochs * per_epoch, delta, method=method)
     probe = linear_probe(model)
     first = fit(probe, train_set, epsilon=head_epsilon, delta=delta if epsilon is not None else None,
-                epochs=head_epochs, lr=lr if head_lr is None else head_lr, checkpoint_dir=stage_dirs[0], **common)
+                epochs=head_epochs, lr=lr if head_lr is None else head_lr, checkpoint_dir=stage_dirs[0],
+                seed=seeds[0], stage="head", **common)
     backbone = copy.deepcopy(model)
     backbone.head.load_state_dict(probe.head.state_dict())
     second = fit(linearize(backbone, blocks), train_set, epsilon=epsilon, delta=delta if epsilon is not None else None,
-                 epochs=epochs, lr=lr, checkpoint_dir=stage_dirs[1],
-                 prior=first.report.history if first.report is not None else (), **common)
+                 epochs=epochs, lr=lr, checkpoint_dir=stage_dirs[1], seed=seeds[1], stage="taft",
+                 prior=first.report if first.report is not None else (), **common)
     return dataclasses.replace(second, steps=first.steps + second.steps)

@@ -3,15 +3,21 @@
 Training data are split into disjoint shards; one tangent model is trained privately per
 shard from the same w0, and the shard models are composed by averaging Δw, which is
 exactly their output ensemble (:func:`dp_taft.compose`). Removing an example then means
-retraining only its shard (SISA-style unlearning; Bourtoule et al. 2021), and because
-each shard's training is seeded, the result equals training that shard from scratch
-without the example.
+retraining only its shard from w0 (SISA-style unlearning; Bourtoule et al. 2021): the
+untouched shards keep the very same models, and the retrained shard is distributed exactly
+as training it from scratch without the example (same code path and hyperparameters,
+fresh randomness).
 
-Privacy. Each example's shard is a keyed hash of the example's id alone, so adding or
-removing one example changes exactly one shard's data and leaves every other shard's
-data — and therefore its trained model — untouched. The composed model is then
-(max ε_s, max δ_s)-DP under add/remove-one adjacency by parallel composition
-(McSherry 2009, Thm 4), where (ε_s, δ_s) is shard s's guarantee.
+Privacy. Each example's shard is a keyed hash of the example's stable id alone (an id the
+caller gives, or a hash of the example's content), so adding or removing one example
+changes exactly one shard's data and leaves every other shard's data — and therefore its
+trained model — untouched. The composed model is then (max ε_s, max δ_s)-DP under
+add/remove-one adjacency by parallel composition (McSherry 2009, Thm 4), where
+(ε_s, δ_s) is shard s's guarantee. A retrained shard draws fresh noise, so releasing the
+models from before and after a removal composes sequentially for the examples that stayed
+in it: their guarantee is that of all the shard's rounds together
+(:attr:`ShardSet.report`'s ``all_releases_epsilon``). Reusing a round's noise instead would
+make it cancel in the difference of the two models and expose those examples.
 """
 
 from __future__ import annotations
@@ -31,13 +37,36 @@ from typing import Any
 
 import accounting
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .compose import compose
+from .privacy.randomness import derive_seed
+from .privacy.validate import check_int
 from .tangent import TangentViT
 from .train import fit
 
-__all__ = ["ShardAssignment", "ShardSet", "ShardPrivacyReport", "ForgetResult", "fit_shards"]
+__all__ = ["ShardAssignment", "ShardSet", "ShardPrivacyReport", "ForgetResult", "fit_shards", "content_ids"]
+
+
+def content_ids(dataset: Dataset) -> tuple[int, ...]:
+    """A stable 63-bit id per example: keyed-free BLAKE2b of its image bytes, dtype, shape
+    and label. It depends on the example alone, so deleting one example changes no other
+    id. Identical examples would share an id and are refused: give them ``ids=`` instead."""
+    ids: list[int] = []
+    seen: dict[int, int] = {}
+    for x, y in DataLoader(dataset, batch_size=1, shuffle=False):
+        h = hashlib.blake2b(digest_size=8)
+        h.update(f"{x.dtype}|{tuple(x.shape[1:])}|{int(y[0])}|".encode())
+        h.update(x[0].contiguous().numpy().tobytes())
+        i = int.from_bytes(h.digest(), "big") >> 1
+        if i in seen:
+            raise ValueError(
+                f"examples {seen[i]} and {len(ids)} are identical (same image and label), so their content ids "
+                "collide; remove the duplicate or pass fit_shards(ids=...) with one stable unique id per example"
+            )
+        seen[i] = len(ids)
+        ids.append(i)
+    return tuple(ids)
 
 
 @dataclass(frozen=True)
@@ -46,7 +75,8 @@ class ShardAssignment:
 
     ``H_key`` is keyed BLAKE2b of the example's id; it depends on nothing but the id
     and the key, which is what makes shards of neighbouring datasets differ in one
-    shard only. ``ids`` are the stable example ids (default: dataset positions);
+    shard only. ``ids`` are the stable example ids (never positions: deleting one example
+    would shift every later position and move other examples between shards);
     ``shards[i]`` is the shard of ``ids[i]``.
     """
 
@@ -62,8 +92,7 @@ class ShardAssignment:
 
     @classmethod
     def create(cls, ids: Sequence[int], n_shards: int, key: int = 0) -> "ShardAssignment":
-        if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
-            raise ValueError(f"n_shards must be an integer >= 1, got {n_shards!r}")
+        check_int("n_shards", n_shards, "number of disjoint shards", low=1)
         ids = tuple(int(i) for i in ids)
         if len(set(ids)) != len(ids):
             raise ValueError("example ids must be unique: each example must sit in exactly one shard")
@@ -84,20 +113,37 @@ class ShardAssignment:
 
 @dataclass(frozen=True)
 class ShardPrivacyReport:
-    """Guarantee of the composed model: (max ε_s, max δ_s) by parallel composition."""
+    """Guarantee of the composed model: (max ε_s, max δ_s) by parallel composition.
+
+    ``per_shard``: the current model of each shard; ``all_releases_epsilon``: ε at the same
+    δ when every model ever trained is released (each shard's rounds composed with
+    :func:`accounting.epsilon_of_history`), equal to ``epsilon`` before any removal.
+    """
 
     epsilon: float
     delta: float
     per_shard: tuple[accounting.PrivacyReport, ...]
+    all_releases_epsilon: float
+    rounds: tuple[int, ...]
 
     def statement(self) -> str:
         eps = ", ".join(f"{r.epsilon:.4g}" for r in self.per_shard)
+        retrained = sum(1 for r in self.rounds if r > 1)
+        releases = (
+            f" {retrained} shard(s) were retrained after removals, each with fresh secret noise; if the models "
+            "from before and after the removals are all released, an example that stayed in a retrained shard "
+            "took part in each of its training rounds, and by sequential composition of those rounds every "
+            f"example is protected at ({self.all_releases_epsilon:.4g}, {self.delta:.3g})-DP."
+            if retrained else ""
+        )
         return (
-            f"The composed model is ({self.epsilon:.4g}, {self.delta:.3g})-DP under add/remove-one "
-            f"adjacency by parallel composition: every example lies in exactly one of "
-            f"{len(self.per_shard)} disjoint shards, assigned by a keyed hash of its own id, and "
-            f"each shard model is DP on its shard (per-shard ε: {eps}). Releasing models from "
-            "before and after a removal composes sequentially for the examples of retrained shards."
+            f"The composed model is ({self.epsilon:.4g}, {self.delta:.3g})-DP under add/remove-one adjacency by "
+            f"parallel composition: every example lies in exactly one of {len(self.per_shard)} disjoint shards, "
+            "assigned by a keyed hash of its own stable id, and each shard model is DP on its shard (per-shard "
+            f"epsilon: {eps}); epsilon and delta are the maxima over the shards (delta composes as the max, not "
+            "the sum, because each example affects one shard). It assumes that the number of examples in the "
+            "data set and in each shard (hence each shard's sample rate) is public, and that every shard's "
+            f"noise and batch sampling were secret.{releases} Each shard's report (per_shard) states its mechanism."
         )
 
 
@@ -121,17 +167,20 @@ class ShardSet:
     """Shard models trained from one w0, their composition and the means to forget.
 
     Built by :func:`fit_shards`; ``composed`` is the model to use and release.
+    ``rounds[s]``: how many times shard s was trained (1, plus one per removal that hit it);
+    ``released[s]``: the privacy report of each of those rounds.
     """
 
     base: TangentViT
     train_set: Dataset
     assignment: ShardAssignment
     fit_kwargs: dict[str, Any]
-    seed: int
+    seed: int | None
     workers: int
     out_dir: Path | None
     models: list[TangentViT] = field(default_factory=list)
     reports: list[accounting.PrivacyReport | None] = field(default_factory=list)
+    released: list[list[accounting.PrivacyReport]] = field(default_factory=list)
     train_times: list[float] = field(default_factory=list)
     removed: frozenset[int] = frozenset()
     rounds: list[int] = field(default_factory=list)
@@ -144,24 +193,32 @@ class ShardSet:
     def report(self) -> ShardPrivacyReport | None:
         if any(r is None for r in self.reports):
             return None
-        return ShardPrivacyReport(
-            max(r.epsilon for r in self.reports), max(r.delta for r in self.reports), tuple(self.reports)
+        delta = max(r.delta for r in self.reports)
+        every = max(
+            accounting.epsilon_of_history([seg for r in rounds for seg in r.history], delta, method=rounds[0].method)
+            for rounds in self.released
         )
+        return ShardPrivacyReport(max(r.epsilon for r in self.reports), delta, tuple(self.reports), every,
+                                  tuple(self.rounds))
 
-    def shard_seed(self, shard: int) -> int:
-        """The fixed seed of shard ``shard``: retraining it replays the same randomness."""
-        return int.from_bytes(hashlib.blake2b(f"{self.seed}:{shard}".encode(), digest_size=4).digest(), "big")
+    def shard_seed(self, shard: int, round_: int) -> int | None:
+        """Seed of round ``round_`` (1 = first training) of ``shard``: None (secret, fresh
+        randomness) unless ``fit_shards`` was given a seed; then one derived per (shard, round),
+        so a retrained shard never reuses its earlier noise."""
+        return None if self.seed is None else derive_seed(self.seed, shard, round_)
 
     def _train(self, shards: Sequence[int]) -> None:
         jobs = []
         for s in shards:
+            self.rounds[s] += 1
             positions = self.assignment.positions(s, self.removed)
             if not positions:
                 raise ValueError(f"shard {s} has no examples left; use fewer shards")
             ckpt = None
             if self.out_dir is not None:
                 ckpt = self.out_dir / f"shard_{s:03d}" / f"round_{self.rounds[s]:03d}"
-            jobs.append((self.base, Subset(self.train_set, positions), self.fit_kwargs, self.shard_seed(s), ckpt))
+            jobs.append((self.base, Subset(self.train_set, positions), self.fit_kwargs,
+                         self.shard_seed(s, self.rounds[s]), ckpt))
         threads = max(1, (os.cpu_count() or 1) // max(1, self.workers))
         if self.workers <= 1:
             outputs = [_train_shard(*job) for job in jobs]
@@ -174,11 +231,14 @@ class ShardSet:
             model.load_delta_state_dict(delta_state)
             self.models[s] = model
             self.reports[s] = None if report_json is None else accounting.PrivacyReport.from_json(report_json)
+            if self.reports[s] is not None:
+                self.released[s].append(self.reports[s])
             self.train_times[s] = seconds
 
     def forget(self, ids: Iterable[int]) -> ForgetResult:
-        """Remove the examples with these ids: retrain from w0, without them, only the shards
-        that held them (same seeds), then recompose. Other shards are left bit-identical."""
+        """Remove the examples with these ids: retrain from w0, without them and with fresh
+        randomness, only the shards that held them, then recompose. Other shards keep the
+        very same model objects."""
         ids = tuple(sorted({int(i) for i in ids}))
         known = set(self.assignment.ids)
         unknown = [i for i in ids if i not in known]
@@ -190,8 +250,6 @@ class ShardSet:
         shard_of = dict(zip(self.assignment.ids, self.assignment.shards))
         shards = sorted({shard_of[i] for i in new})
         self.removed = self.removed | frozenset(new)
-        for s in shards:
-            self.rounds[s] += 1
         self._train(shards)
         self._save()
         return ForgetResult(tuple(shards), ids, time.perf_counter() - start, full)
@@ -208,7 +266,7 @@ class ShardSet:
             torch.save(model.delta_state_dict(), shard_dir / "delta.pt")
 
 
-def _train_shard(base: TangentViT, data: Dataset, fit_kwargs: dict[str, Any], seed: int,
+def _train_shard(base: TangentViT, data: Dataset, fit_kwargs: dict[str, Any], seed: int | None,
                  checkpoint_dir: Path | None) -> tuple[dict[str, torch.Tensor], str | None, float]:
     """One shard's private fit from w0 (runs in a worker process when workers > 1)."""
     model = copy.deepcopy(base)
@@ -225,7 +283,7 @@ def fit_shards(
     *,
     ids: Sequence[int] | None = None,
     key: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
     workers: int = 1,
     out_dir: str | Path | None = None,
     **fit_kwargs: Any,
@@ -236,9 +294,13 @@ def fit_shards(
         model: a :class:`TangentViT`; its w0 is used, its current Δw ignored (shards start at 0).
         train_set: map-style dataset of (image, label).
         n_shards: number of shards >= 1.
-        ids: a stable, unique id per example (default: its position); removal is by id.
+        ids: a stable, unique integer id per example (e.g. a database key), the same whatever
+            else is added to or deleted from the data set; removal is by id. Default: the
+            :func:`content_ids` of the examples (duplicates refused). Never positions.
         key: hash key of the shard assignment (a different key, a different partition).
-        seed: base seed; shard s trains with a seed derived from (seed, s).
+        seed: None (default): every shard, and every retraining, draws secret randomness. An
+            integer makes runs reproducible (round r of shard s uses a seed derived from
+            (seed, s, r)); the guarantee then requires the seed to stay secret.
         workers: parallel worker processes (spawned; each gets cores // workers threads).
         out_dir: where the assignment, each shard's checkpoints and Δw are kept.
         **fit_kwargs: passed to :func:`dp_taft.fit` for every shard (epsilon, delta, epochs,
@@ -251,20 +313,19 @@ def fit_shards(
         raise ValueError(f"fit_shards() takes a TangentViT (dp_taft.linearize), got {type(model).__name__}")
     if "seed" in fit_kwargs or "checkpoint_dir" in fit_kwargs:
         raise ValueError("pass seed= and out_dir= to fit_shards itself; each shard derives its own")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    check_int("workers", workers, "parallel worker processes", low=1)
     base = copy.deepcopy(model).cpu()
     with torch.no_grad():
         for p in base.deltas().values():
             p.zero_()
-    assignment = ShardAssignment.create(range(len(train_set)) if ids is None else ids, n_shards, key)
+    assignment = ShardAssignment.create(content_ids(train_set) if ids is None else ids, n_shards, key)
     if len(assignment.ids) != len(train_set):
         raise ValueError(f"got {len(assignment.ids)} ids for {len(train_set)} examples; give one id per example")
     shard_set = ShardSet(
         base, train_set, assignment, dict(fit_kwargs), seed, workers,
         None if out_dir is None else Path(out_dir),
-        models=[base] * n_shards, reports=[None] * n_shards, train_times=[0.0] * n_shards,
-        rounds=[0] * n_shards,
+        models=[base] * n_shards, reports=[None] * n_shards, released=[[] for _ in range(n_shards)],
+        train_times=[0.0] * n_shards, rounds=[0] * n_shards,
     )
     shard_set._train(range(n_shards))
     shard_set._save()

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from dp_taft import methods
-from dp_taft.shards import ShardAssignment, fit_shards
+from dp_taft.shards import ShardAssignment, content_ids, fit_shards
 from dp_taft.train import evaluate
 from experiments import results as res
 from experiments import sweep as sw
@@ -60,10 +60,10 @@ __all__ = ["COLUMNS", "DEFAULT_CONFIG", "load_config", "main", "write_outputs"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
 SHARD_KEYS = frozenset({"sweep_profile", "blocks", "n_shards", "epsilons", "seeds", "shard_key"})
-INHERITED_KEYS = frozenset({"delta", "accountant", "private_train_size", "test_size", "data_seed"})
+INHERITED_KEYS = frozenset({"delta", "accountant", "private_train_size", "test_size", "data_seed", "reproducible"})
 #: results.csv schema, one row per configuration attempt (the last row of a run_id counts).
 COLUMNS = (
-    "run_id", "n_shards", "seed", "target_epsilon", "epsilon", "per_shard_epsilon", "delta",
+    "run_id", "n_shards", "seed", "randomness", "target_epsilon", "epsilon", "per_shard_epsilon", "delta",
     "accuracy", "accuracy_after_removal", "train_wall_time_s", "removal_wall_time_s", "full_retrain_time_s",
     "speedup", "removed_id", "retrained_shard", "shard_sizes", "batch_size_per_shard", "sample_rate", "steps",
     "status", "error", "k", "n_train", "n_test", "epochs", "batch_size", "lr", "workers", "settings", "finished_at",
@@ -119,10 +119,11 @@ def _check(settings: dict[str, Any]) -> None:
     sw._check_sweep({**settings, "methods": ["taft"], "blocks": [settings["blocks"]]})  # ε, δ, sizes
 
 
-def _delta_error(settings: dict[str, Any], n: int) -> str | None:
+def _delta_error(settings: dict[str, Any], ids: Sequence[int]) -> str | None:
     """Why δ is too large for the smallest shard of any planned partition (None if fine)."""
+    n = len(ids)
     for n_shards in settings["n_shards"]:
-        sizes = shard_sizes(n, n_shards, settings["shard_key"])
+        sizes = shard_sizes(ids, n_shards, settings["shard_key"])
         smallest = min(sizes)
         if smallest < 2 or not settings["delta"] < 1 / smallest:
             return (f"delta={settings['delta']:g} is not below 1/N_shard = 1/{smallest} for the smallest of "
@@ -130,9 +131,9 @@ def _delta_error(settings: dict[str, Any], n: int) -> str | None:
     return None
 
 
-def shard_sizes(n: int, n_shards: int, key: int) -> list[int]:
-    """Examples per shard of the hash partition of ids 0..n-1 (what fit_shards uses with ids=None)."""
-    a = ShardAssignment.create(range(n), n_shards, key)
+def shard_sizes(ids: Sequence[int], n_shards: int, key: int) -> list[int]:
+    """Examples per shard of the hash partition of these stable ids (fit_shards' assignment)."""
+    a = ShardAssignment.create(ids, n_shards, key)
     return [a.shards.count(s) for s in range(n_shards)]
 
 
@@ -142,15 +143,19 @@ def run_id(n_shards: int, epsilon: float, seed: int) -> str:
 
 # --------------------------------------------------------------------------- one configuration
 def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any], out: Path, *,
-            workers: int, device: str, quiet: bool) -> dict[str, Any]:
-    """Train the shards, evaluate the composition, forget one example; returns the CSV row."""
+            ids: Sequence[int], workers: int, device: str, quiet: bool) -> dict[str, Any]:
+    """Train the shards, evaluate the composition, forget one example; returns the CSV row.
+
+    ``ids``: stable ids of ``task.train``'s examples (their content ids: deleting one example
+    moves no other between shards, which positions would)."""
     hp = dict(run.hparams)
     rid = run_id(n_shards, run.epsilon, run.seed)
     n = len(task.train)
     batch = max(1, round(hp["batch_size"] / n_shards))
-    sizes = shard_sizes(n, n_shards, settings["shard_key"])
+    sizes = shard_sizes(ids, n_shards, settings["shard_key"])
     row: dict[str, Any] = {
-        "run_id": rid, "n_shards": n_shards, "seed": run.seed, "target_epsilon": run.epsilon, "k": run.k,
+        "run_id": rid, "n_shards": n_shards, "seed": run.seed, "randomness": sw.randomness(settings),
+        "target_epsilon": run.epsilon, "k": run.k,
         "n_train": n, "n_test": len(task.test), "epochs": hp["epochs"], "batch_size": hp["batch_size"],
         "lr": hp["lr"], "workers": workers, "batch_size_per_shard": batch,
         "shard_sizes": ";".join(map(str, sizes)), "settings": _settings(run, n_shards, task, settings),
@@ -165,7 +170,8 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
             model = methods.taft(task.backbone(run.seed), run.k)
             start = time.perf_counter()
             shards = fit_shards(
-                model, task.train, n_shards, key=settings["shard_key"], seed=run.seed, workers=workers,
+                model, task.train, n_shards, ids=ids, key=settings["shard_key"],
+                seed=run.seed if settings["reproducible"] else None, workers=workers,
                 epsilon=run.epsilon if private else None, delta=settings["delta"] if private else None,
                 accountant=settings["accountant"], physical_batch_size=physical, device=device, quiet=quiet, **hp,
             )
@@ -185,7 +191,7 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
                                                   indent=1))
             else:
                 row.update(epsilon=math.inf, per_shard_epsilon=";".join(["inf"] * n_shards))
-            removed = random.Random(f"forget:{run.seed}").randrange(n)  # fixed per seed across shard counts
+            removed = ids[random.Random(f"forget:{run.seed}").randrange(n)]  # fixed per seed across shard counts
             forgot = shards.forget([removed])
             row.update(removed_id=removed, retrained_shard=";".join(map(str, forgot.retrained_shards)),
                        removal_wall_time_s=round(forgot.wall_time_s, 3),
@@ -211,7 +217,7 @@ def _settings(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any
     """sweep.settings_hash of the run, with the shard partition and accountant settings folded in."""
     extra = (("shard_key", settings["shard_key"]), ("n_shards", n_shards))
     return sw.settings_hash(sw.Run(run.method, run.k, run.seed, run.epsilon, run.hparams + extra), task,
-                            {"delta": settings["delta"], "accountant": settings["accountant"]})
+                            {k: settings[k] for k in ("delta", "accountant", "reproducible")})
 
 
 # --------------------------------------------------------------------------- outputs
@@ -250,6 +256,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         "",
         res.markdown_table(long, row="n_shards", col="quantity", value="value", row_order=shard_order,
                            col_order=list(quantities), col_label=quantities.get, corner="shards", digits=2),
+        *sw.randomness_notes(rows),
     ]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
@@ -325,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     task = sw.build_task(args, settings)
     n = len(task.train)
-    err = _delta_error(settings, n)
+    ids = content_ids(task.train)
+    err = _delta_error(settings, ids)
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -352,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, failures = time.perf_counter(), 0
     try:
         for i, (run, s) in enumerate(pending, 1):
-            row = run_one(run, s, task, settings, out, workers=args.workers, device=args.device, quiet=args.quiet)
+            row = run_one(run, s, task, settings, out, ids=ids, workers=args.workers, device=args.device,
+                          quiet=args.quiet)
             res.append_row(out / CSV_NAME, row, COLUMNS)
             if row["status"] == "ok":
                 eps = "∞" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3f}"

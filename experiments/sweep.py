@@ -61,6 +61,7 @@ DATASETS = ("default", "cifar10", "cifar100", "fashion-mnist")
 NUM_CLASSES = {"default": 5, "cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
 SWEEP_KEYS = frozenset({
     "methods", "blocks", "epsilons", "seeds", "delta", "accountant", "private_train_size", "test_size", "data_seed",
+    "reproducible",
 })
 HPARAM_KEYS = frozenset({
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_grad_norm", "loss", "kappa",
@@ -68,8 +69,8 @@ HPARAM_KEYS = frozenset({
 })
 #: results.csv schema, one row per run attempt (the last row of a run_id is the one that counts).
 COLUMNS = (
-    "run_id", "method", "k", "label", "seed", "target_epsilon", "epsilon", "delta", "sigma", "sample_rate",
-    "steps", "accuracy", "wall_time_s", "report", "status", "error",
+    "run_id", "method", "k", "label", "seed", "randomness", "target_epsilon", "epsilon", "delta", "sigma",
+    "sample_rate", "steps", "accuracy", "wall_time_s", "report", "status", "error",
     "dataset", "model", "n_train", "n_test", "epochs", "batch_size", "lr", "optimizer", "max_grad_norm", "loss",
     "settings", "finished_at",
 )
@@ -177,6 +178,8 @@ def _check_sweep(sweep: dict[str, Any]) -> None:
         v = sweep[name]
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             raise ValueError(f"{name} must be an integer >= 0 (0 = all for the sizes), got {v!r}")
+    if not isinstance(sweep["reproducible"], bool):
+        raise ValueError(f"reproducible must be true or false, got {sweep['reproducible']!r}")
 
 
 # --------------------------------------------------------------------------- runs
@@ -370,8 +373,14 @@ def build_task(args: argparse.Namespace, sweep: dict[str, Any]) -> Task:
 def settings_hash(run: Run, task: Task, sweep: dict[str, Any]) -> str:
     """Short hash of everything that fixes a run's result besides its key (method, k, seed, ε)."""
     blob = json.dumps({"task": task.info, "hparams": dict(run.hparams), "delta": sweep["delta"],
-                       "accountant": sweep["accountant"]}, sort_keys=True, default=str)
+                       "accountant": sweep["accountant"], "randomness": randomness(sweep)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def randomness(sweep: dict[str, Any]) -> str:
+    """How a run's noise and batches were drawn: "secret" (the default) or "seeded"."""
+    return "seeded" if sweep["reproducible"] else "secret"
 
 
 def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: str, quiet: bool) -> dict[str, Any]:
@@ -379,7 +388,7 @@ def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: s
     hp = dict(run.hparams)
     row: dict[str, Any] = {
         "run_id": run.run_id, "method": run.method, "k": run.k, "label": run.label, "seed": run.seed,
-        "target_epsilon": run.epsilon, "dataset": task.info["dataset"], "model": task.info["model"],
+        "randomness": randomness(sweep), "target_epsilon": run.epsilon, "dataset": task.info["dataset"], "model": task.info["model"],
         "n_train": task.info["n_train"], "n_test": task.info["n_test"],
         **{c: hp.get(c) for c in ("epochs", "batch_size", "lr", "optimizer", "max_grad_norm", "loss")},
         "settings": settings_hash(run, task, sweep),
@@ -394,7 +403,7 @@ def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: s
             result = train_method(
                 run.method, run.k, task.backbone(run.seed), task.train, epsilon=run.epsilon if private else None,
                 delta=sweep["delta"] if private else None, eval_set=task.test, physical_batch_size=physical,
-                accountant=sweep["accountant"], device=device, seed=run.seed,
+                accountant=sweep["accountant"], device=device, seed=run.seed if sweep["reproducible"] else None,
                 checkpoint_dir=out / "checkpoints" / run.run_id, quiet=quiet, **hp,
             )
             row.update(sigma=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps,
@@ -406,7 +415,10 @@ def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: s
                 row.update(epsilon=result.report.epsilon, delta=result.report.delta, report=str(rel))
             else:
                 row.update(epsilon=math.inf)
-            details["history"] = [dataclasses.asdict(r) for r in result.history]
+            # The training loss is a noiseless statistic of the private data, outside the
+            # guarantee: it stays out of this shareable file.
+            details["history"] = [{k: v for k, v in dataclasses.asdict(r).items() if k != "train_loss"}
+                                  for r in result.history]
         except Exception as e:  # noqa: BLE001 -- a failed run is recorded and the sweep goes on
             row.update(status="failed", error=f"{type(e).__name__}: {e}".replace("\n", " ")[:1000])
             details["traceback"] = traceback.format_exc()
@@ -426,6 +438,27 @@ def _label_order(rows: Sequence[res.Row]) -> list[str]:
         return (METHODS.index(m) if m in METHODS else len(METHODS), int(r["k"] or 0))
 
     return list(dict.fromkeys(r["label"] for r in sorted(rows, key=key)))
+
+
+def randomness_notes(rows: Sequence[res.Row]) -> list[str]:
+    """Markdown lines saying whether the runs' training randomness was secret or seeded."""
+    kinds = {r.get("randomness") or "seeded" for r in rows}  # rows from before the column were seeded
+    if kinds == {"secret"}:
+        return ["Training randomness (noise, Poisson batches): secret, from the OS CSPRNG; the seeds above only "
+                "label replicates and initialise the heads.", ""]
+    return ["**Training randomness was seeded with the seeds above** (reproducible runs, for experiments): "
+            "anyone who reads these seeds can replay the noise, so the stated ε does not hold against them.", ""]
+
+
+def _profile_notes(out: Path) -> list[str]:
+    """A warning when the last invocation ran a smoke-sized profile."""
+    log = out / "invocations.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    profile = json.loads(lines[-1]).get("profile") if lines else None
+    if profile not in ("quick", "smoke"):
+        return []
+    return [f"**Profile {profile!r}: a smoke-sized run** (little data, few steps, one seed). It checks that every "
+            "method runs end to end; its ranking of the methods is not indicative of the full sweep's.", ""]
 
 
 def write_outputs(out: Path) -> list[dict[str, str]]:
@@ -455,6 +488,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         res.markdown_table(rows, row="label", col="target_epsilon", value="wall_time_s", row_order=order,
                            col_order=cols, col_label=res.epsilon_label, corner="method", digits=0),
     ]
+    lines += randomness_notes(rows) + _profile_notes(out)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]
@@ -483,7 +517,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, help="override the config's methods")
     p.add_argument("--blocks", nargs="+", type=int, help="k for TAFT-k and NLFT-k, e.g. --blocks 1 2 4")
     p.add_argument("--epsilons", nargs="+", type=float, help="target ε values; inf = non-private")
-    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--seeds", nargs="+", type=int, help="replicates; each seeds its head initialisation (and, "
+                   "with --reproducible, the training randomness)")
+    p.add_argument("--reproducible", action="store_const", const=True, default=None,
+                   help="seed noise and batches with the run's seed (experiments only: the seeds are written in the "
+                        "outputs, so the runs' privacy guarantees do not hold against readers of them)")
     p.add_argument("--private-train-size", type=int, help="private training examples (0 = all)")
     p.add_argument("--test-size", type=int, help="test examples (0 = all)")
     p.add_argument("--delta", type=float)
@@ -520,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         sweep, hparams, nonprivate = load_config(args.config, args.profile)
-        for key in ("methods", "blocks", "epsilons", "seeds", "private_train_size", "test_size", "delta"):
+        for key in ("methods", "blocks", "epsilons", "seeds", "private_train_size", "test_size", "delta",
+                    "reproducible"):
             if getattr(args, key) is not None:
                 sweep[key] = getattr(args, key)
         apply_sets(hparams, args.sets, nonprivate)

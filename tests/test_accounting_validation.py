@@ -59,3 +59,17 @@ def test_other_arguments_rejected():
 def test_import_does_not_pull_torch():
     code = "import sys, accounting; assert 'torch' not in sys.modules and 'opacus' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(epsilon=-0.5), r"epsilon must be in \[0, inf\], got -0.5"),
+    (dict(epsilon=math.nan), "epsilon must be in"),
+    (dict(epsilons={"pld": -1.0}), r"epsilons\['pld'\] must be in \[0, inf\]"),
+    (dict(target_epsilon=0.0), r"target_epsilon must be in \(0, inf\)"),
+    (dict(stages=("a",)), "one label per history segment"),
+    (dict(notes=None), "notes must be a string"),
+])
+def test_report_fields_rejected(changes, message):
+    fields = dict(epsilon=1.0, delta=1e-5, method="pld", epsilons={"pld": 1.0}, history=())
+    with pytest.raises(ValueError, match=message):
+        accounting.PrivacyReport(**{**fields, **changes})

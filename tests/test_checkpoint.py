@@ -117,7 +117,7 @@ def _interrupt_after(monkeypatch, steps: int) -> None:
 @pytest.mark.parametrize("epsilon", [None, TARGET], ids=["non-private", "private"])
 def test_interrupted_run_resumes(tmp_path, monkeypatch, epsilon):
     data = easy_dataset(96)
-    kwargs = dict(epsilon=epsilon, delta=DELTA, epochs=2, batch_size=16, lr=0.1, quiet=True, checkpoint_every=2)
+    kwargs = dict(epsilon=epsilon, delta=DELTA, epochs=2, batch_size=16, lr=0.1, quiet=True, checkpoint_every=2, seed=0)
     straight = trainable_state(dp_taft.fit(linear_probe(tiny_vit()), data, **kwargs).model)
     with monkeypatch.context() as mp:
         _interrupt_after(mp, 7)

@@ -134,7 +134,7 @@ def test_prefix_cache_gives_the_uncached_result(build):
     def run(cache):
         model = build(tiny_vit())
         result = dp_taft.fit(model, TRAIN, epsilon=2.0, delta=DELTA, epochs=1, batch_size=32, lr=0.1,
-                             cache_prefix=cache, quiet=True, eval_set=TEST)
+                             cache_prefix=cache, quiet=True, eval_set=TEST, seed=0)
         return trainable_state(model), result.history[-1]
 
     (cached, rec_c), (plain, rec_p) = run(True), run(False)
@@ -147,7 +147,8 @@ def test_prefix_cache_gives_the_uncached_result(build):
 def test_ghost_clipping_and_small_physical_batches_match_hooks(build):
     def run(**kwargs):
         model = build(tiny_vit())
-        dp_taft.fit(model, TRAIN, epsilon=2.0, delta=DELTA, epochs=1, batch_size=32, lr=0.1, quiet=True, **kwargs)
+        dp_taft.fit(model, TRAIN, epsilon=2.0, delta=DELTA, epochs=1, batch_size=32, lr=0.1, quiet=True, seed=0,
+                    **kwargs)
         return trainable_state(model)
 
     hooks = run()

@@ -46,6 +46,13 @@ def call(model=None, data=DATA, **overrides):
         (dict(physical_batch_size=0), r"physical_batch_size must be an integer >= 1"),
         (dict(checkpoint_every=0), r"checkpoint_every must be an integer >= 1"),
         (dict(epsilon=1e-4, epochs=50, batch_size=30), r"unreachable .*Raise epsilon"),
+        (dict(seed=-1), r"seed must be an integer >= 0 .*None \(default\) keeps the randomness secret"),
+        (dict(seed=1.5), r"seed must be an integer"),
+        (dict(secure_mode=True, seed=3), r"secure_mode=True draws from the OS CSPRNG, which cannot be seeded"),
+        (dict(secure_mode="yes"), r"secure_mode must be True or False"),
+        (dict(grad_sample_hook=lambda i, p: None, grad_sample_mode="ghost"), r"grad_sample_hook needs grad_sample_mode='hooks'"),
+        (dict(grad_sample_hook=3), r"grad_sample_hook must be a callable"),
+        (dict(stage=""), r"stage must be a non-empty string"),
     ],
 )
 def test_bad_arguments(overrides, match):
@@ -94,8 +101,29 @@ def test_model_without_trainable_parameters():
 def test_layers_opacus_cannot_sample_exactly_are_named():
     model = nlft(tiny_vit(), 1)
     model.net.cls_token.requires_grad_(True)  # owned directly by the VisionTransformer: no Opacus sampler
-    with pytest.raises(dp_taft.UnsupportedModelError, match=r"'net' \(timm\.models\.vision_transformer\.VisionTransformer\)"):
+    with pytest.raises(dp_taft.UnsupportedModelError,
+                       match=r"'net' \(timm\.models\.vision_transformer\.VisionTransformer, owning cls_token\)"):
         call(model)
+
+
+def test_raw_timm_vit_names_its_parameters_and_points_to_the_conversions():
+    with pytest.raises(dp_taft.UnsupportedModelError,
+                       match=r"'<the model itself>' .*owning cls_token, pos_embed.*dp_taft\.linearize.*methods\.nlft"):
+        call(tiny_vit())
+
+
+def test_pil_images_are_refused_with_what_to_add():
+    from PIL import Image
+
+    class PilImages(torch.utils.data.Dataset):
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (16, 16)), i % 3
+
+    with pytest.raises(ValueError, match=r"PIL\.Image\.Image, not tensors: add torchvision\.transforms\.ToTensor\(\)"):
+        call(data=PilImages())
 
 
 def test_plain_data_loader_is_refused():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
+from torch.utils.data import Subset
 
 import dp_taft
 from dp_taft.shards import ShardAssignment, fit_shards
@@ -43,27 +46,54 @@ def test_duplicate_ids_refused():
         ShardAssignment.create([1, 2, 2], 2)
 
 
-def test_forget_equals_retraining_from_scratch(tmp_path):
+def test_forget_retrains_with_fresh_noise_exactly_as_from_scratch(tmp_path):
+    """Untouched shards stay the very same models; a retrained shard equals fit() from w0 on
+    its data without the removed ids with the (shard, round 2) seed, not the round-1 seed."""
     tangent, data = tiny_task()
-    shard_set = fit_shards(tangent, data, 3, seed=1, out_dir=tmp_path / "a", epsilon=None, **FIT)
-    before = [m for m in shard_set.models]
-    removed = [5, 40]
+    ids = list(range(1000, 1000 + len(data)))
+    kwargs = dict(epsilon=2.0, delta=1e-3, **FIT)
+    shard_set = fit_shards(tangent, data, 3, ids=ids, seed=1, out_dir=tmp_path / "a", **kwargs)
+    before = list(shard_set.models)
+    removed = [1005, 1040]
     result = shard_set.forget(removed)
     shard_of = dict(zip(shard_set.assignment.ids, shard_set.assignment.shards))
     assert set(result.retrained_shards) == {shard_of[i] for i in removed}
     assert result.full_retrain_time_s > 0 and result.wall_time_s > 0
-
-    keep = [i for i in range(len(data)) if i not in removed]
-    scratch = fit_shards(tangent, torch.utils.data.Subset(data, keep), 3, ids=keep, seed=1, epsilon=None, **FIT)
     for s in range(3):
-        assert states_equal(shard_set.models[s], scratch.models[s]), s
         if s not in result.retrained_shards:
             assert shard_set.models[s] is before[s]  # untouched: the very same model
-        else:
-            assert not states_equal(shard_set.models[s], before[s])
-    x = data.tensors[0][:8]
-    torch.testing.assert_close(shard_set.composed(x), scratch.composed(x), rtol=0, atol=0)
+            continue
+        keep = [p for p, i in enumerate(ids) if shard_of[i] == s and i not in removed]
+        scratch = [copy.deepcopy(shard_set.base) for _ in range(2)]
+        for model, round_ in zip(scratch, (2, 1)):
+            dp_taft.fit(model, Subset(data, keep), seed=shard_set.shard_seed(s, round_), **kwargs)
+        assert states_equal(shard_set.models[s], scratch[0])  # fresh round-2 randomness, same code path
+        assert not states_equal(shard_set.models[s], scratch[1])  # not the noise of the released round 1
+        assert shard_set.rounds[s] == 2 and len(shard_set.released[s]) == 2
     assert (tmp_path / "a" / "assignment.json").exists() and (tmp_path / "a" / "removed.json").exists()
+    report = shard_set.report
+    assert report.all_releases_epsilon > report.epsilon  # both rounds released: sequential composition
+    assert "before and after" in report.statement() and "sequential composition" in report.statement()
+
+
+def test_default_ids_come_from_content_so_a_deletion_moves_no_other_example():
+    tangent, data = tiny_task(n=60)
+    full = fit_shards(tangent, data, 3, epsilon=None, **FIT).assignment
+    rest = Subset(data, range(1, 60))  # example 0 deleted: every later position shifts
+    smaller = fit_shards(tangent, rest, 3, epsilon=None, **FIT).assignment
+    assert smaller.ids == full.ids[1:]
+    assert smaller.shards == full.shards[1:]  # no other example changed shard
+    with pytest.raises(ValueError, match="examples 0 and 1 are identical.*ids="):
+        fit_shards(tangent, Subset(data, [0, 0, 1, 2]), 2, epsilon=None, **FIT)
+
+
+def test_seedless_shards_retrain_with_fresh_secret_noise():
+    tangent, data = tiny_task(n=60)
+    shard_set = fit_shards(tangent, data, 2, ids=range(60), epsilon=2.0, delta=1e-3, **FIT)
+    assert shard_set.shard_seed(0, 1) is None
+    before = list(shard_set.models)
+    retrained = shard_set.forget([7]).retrained_shards
+    assert all(not states_equal(shard_set.models[s], before[s]) for s in retrained)
 
 
 def test_private_shards_report_parallel_composition():
@@ -72,7 +102,10 @@ def test_private_shards_report_parallel_composition():
     report = shard_set.report
     assert len(report.per_shard) == 2
     assert report.epsilon == max(r.epsilon for r in report.per_shard) <= 2.0
-    assert "parallel composition" in report.statement()
+    assert report.delta == max(r.delta for r in report.per_shard)
+    assert report.all_releases_epsilon == pytest.approx(report.epsilon)  # nothing retrained yet
+    statement = report.statement()
+    assert "parallel composition" in statement and "public" in statement and "delta composes as the max" in statement
     assert all(r.dataset_size < len(data) for r in report.per_shard)
 
 

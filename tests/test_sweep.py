@@ -130,6 +130,23 @@ def test_smoke_outputs_exist_and_are_consistent(smoke_out):
     assert (smoke_out / sweep.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
     details = json.loads((smoke_out / "runs" / "taft2_eps1_seed0.json").read_text())
     assert len(details["history"]) == 1
+    # the noiseless training loss of the private data stays out of the shareable outputs
+    assert all("train_loss" not in h for h in details["history"])
+    # secret randomness by default, said plainly; the smoke profile is labelled as such
+    assert {r["randomness"] for r in rows} == {"secret"}
+    assert "secret, from the OS CSPRNG" in summary and "smoke-sized run" in summary
+
+
+def test_reproducible_runs_repeat_and_are_labelled_seeded(tmp_path, backbone_file):
+    outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, extra in zip(outs, (["--reproducible"], ["--reproducible"], [])):
+        assert _smoke(out, backbone_file, "--methods", "fc", "--epsilons", "1", *extra) == 0
+    acc = [res.read_rows(out / sweep.CSV_NAME)[0]["accuracy"] for out in outs]
+    reports = [json.loads((out / "reports" / "fc_eps1_seed0.json").read_text()) for out in outs]
+    assert acc[0] == acc[1]  # seeded: the same run twice
+    assert res.read_rows(outs[0] / sweep.CSV_NAME)[0]["randomness"] == "seeded"
+    assert "Training randomness was seeded" in (outs[0] / sweep.SUMMARY_NAME).read_text()
+    assert reports[0]["epsilon"] == reports[2]["epsilon"]  # the privacy plan does not depend on the seed
 
 
 def test_resume_skips_finished_runs_and_refuses_other_settings(smoke_out, backbone_file, monkeypatch):

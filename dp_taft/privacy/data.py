@@ -6,12 +6,14 @@ import itertools
 
 import torch
 import torch.nn as nn
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
-__all__ = ["resolve_train_set", "poisson_loader", "cache_prefix", "FromPrefix"]
+from .randomness import SecurePoissonSampler
+
+__all__ = ["resolve_train_set", "Indexed", "poisson_sampler", "poisson_loader", "cache_prefix", "FromPrefix"]
 
 
 def resolve_train_set(train_set: Dataset | DataLoader) -> tuple[Dataset, float | None]:
@@ -33,22 +35,48 @@ def resolve_train_set(train_set: Dataset | DataLoader) -> tuple[Dataset, float |
     return train_set, None
 
 
-def poisson_loader(
-    dataset: Dataset, sample_rate: float, *, steps: int, skip: int, generator: torch.Generator, num_workers: int
-) -> DPDataLoader:
-    """Opacus' Poisson loader yielding ``steps`` logical batches, each example included with
-    probability ``sample_rate``, after discarding the first ``skip`` batch draws of ``generator``.
+class Indexed(Dataset):
+    """``dataset`` whose items carry their position: (x, y, index as a 0-d int64 tensor).
 
-    Skipping replays only the sampler's coin flips (no data is loaded), so a resumed
-    epoch sees exactly the batches the interrupted one would have seen next.
+    The loop hands each physical batch's positions to a :data:`GradSampleHook`.
     """
-    n = len(dataset)
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = self.dataset[i]
+        return x, y, torch.tensor(i, dtype=torch.int64)
+
+
+def poisson_sampler(n: int, sample_rate: float, *, steps: int, skip: int,
+                    generator: torch.Generator | None) -> UniformWithReplacementSampler:
+    """Opacus' Poisson batch sampler over ``n`` examples yielding ``steps`` batches, each
+    example included with probability ``sample_rate``.
+
+    ``generator`` None: secure mode, coin flips from the OS CSPRNG (nothing to skip or
+    replay). Otherwise the first ``skip`` batch draws of ``generator`` are discarded first:
+    replaying only the coin flips (no data is loaded), so a resumed epoch sees exactly the
+    batches the interrupted one would have seen next.
+    """
+    if generator is None:
+        return SecurePoissonSampler(num_samples=n, sample_rate=sample_rate, steps=steps)
     skipped = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=skip)
     for _ in itertools.islice(skipped, skip):
         pass
-    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator, num_workers=num_workers)
-    loader.batch_sampler.steps = steps  # Opacus' default is int(1/q); we run the planned count
-    return loader
+    return UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=steps)
+
+
+def poisson_loader(dataset: Dataset, sampler: UniformWithReplacementSampler, *, num_workers: int) -> DataLoader:
+    """Loader of ``sampler``'s Poisson batches of ``dataset``, as Opacus' DPDataLoader builds it:
+    an empty batch comes out as tensors with a zero batch dimension, not an error."""
+    first = dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *shape_safe(v)) for v in first],
+                                      dtypes=[dtype_safe(v) for v in first])
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 
 @torch.no_grad()

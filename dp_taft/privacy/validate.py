@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
+import accounting
 import timm.layers
 import torch
 import torch.nn as nn
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from torch.utils.data import DataLoader, Dataset
 
+from ..losses import make_loss
 from ..tangent import UnsupportedModelError
+from .data import resolve_train_set
 
 __all__ = [
+    "check_arguments",
+    "check_data",
     "check_real",
     "check_int",
     "check_choice",
@@ -30,6 +36,89 @@ __all__ = [
 ]
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
+def check_arguments(given: dict[str, Any], *, optimizers: tuple[str, ...], accountants: tuple[str, ...]) -> dict[str, Any]:
+    """Validate :func:`dp_taft.fit`'s arguments that need no data; ``given`` is its ``locals()``.
+
+    Returns the normalized values by name (floats, ints, the ``criterion`` module).
+    """
+    epsilon = check_epsilon(given["epsilon"])
+    momentum = check_real("momentum", given["momentum"], "SGD momentum", low_open=False)
+    if not momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1) (SGD momentum), got {momentum}")
+    check_choice("optimizer", given["optimizer"], optimizers)
+    mode = check_choice("grad_sample_mode", given["grad_sample_mode"], GRAD_SAMPLE_MODES)
+    check_choice("accountant", given["accountant"], accountants)
+    _check_randomness(given["seed"], given["secure_mode"])
+    prior = given["prior"]
+    if prior and epsilon is None:
+        raise ValueError("prior is a privacy history to compose with; it needs a target epsilon (got epsilon=None)")
+    segments = prior.history if isinstance(prior, accounting.PrivacyReport) else prior
+    if not all(isinstance(s, accounting.Segment) for s in segments):
+        raise ValueError("prior must be an accounting.PrivacyReport or a sequence of accounting.Segment "
+                         "(e.g. an earlier result.report)")
+    for name in ("augment", "grad_sample_hook"):
+        if given[name] is not None and not callable(given[name]):
+            raise ValueError(f"{name} must be a callable or None, got {type(given[name]).__name__}")
+    if given["grad_sample_hook"] is not None and mode != "hooks":
+        raise ValueError(f"grad_sample_hook needs grad_sample_mode='hooks' (per-sample gradients), got {mode!r}")
+    if given["stage"] is not None and not (isinstance(given["stage"], str) and given["stage"]):
+        raise ValueError(f"stage must be a non-empty string label or None, got {given['stage']!r}")
+    return {
+        "epsilon": epsilon,
+        "max_grad_norm": check_real("max_grad_norm", given["max_grad_norm"], "per-sample clipping norm C"),
+        "epochs": check_int("epochs", given["epochs"], "passes over the data", low=1),
+        "lr": check_real("lr", given["lr"], "learning rate", low_open=False),
+        "momentum": momentum,
+        "weight_decay": check_real("weight_decay", given["weight_decay"], "L2 penalty", low_open=False),
+        "criterion": make_loss(given["loss"], given["kappa"]),
+        "checkpoint_every": check_int("checkpoint_every", given["checkpoint_every"], "steps between checkpoints", low=1),
+        "num_workers": check_int("num_workers", given["num_workers"], "DataLoader workers", low=0),
+        "prior": prior,
+        "batch_size": given["batch_size"],
+        "physical_batch_size": given["physical_batch_size"],
+        "delta": given["delta"],
+    }
+
+
+def _check_randomness(seed: object, secure_mode: object) -> None:
+    if not isinstance(secure_mode, bool):
+        raise ValueError(f"secure_mode must be True or False, got {secure_mode!r}")
+    if seed is None:
+        return
+    check_int("seed", seed, "random seed for a reproducible run; None (default) keeps the randomness secret", low=0)
+    if secure_mode:
+        raise ValueError("secure_mode=True draws from the OS CSPRNG, which cannot be seeded: pass seed=None")
+
+
+def check_data(model: nn.Module, train_set: Dataset | DataLoader, eval_set: Dataset | None,
+               args: dict[str, Any]) -> tuple[Dataset, float, int, float | None]:
+    """(training dataset, sample rate q, physical batch size, δ or None when non-private).
+
+    Checks the model's ``num_classes``, the batch sizes against N, δ < 1/N, and every
+    example of ``train_set`` and ``eval_set`` (:func:`check_examples`).
+    """
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError("the model must have an integer attribute num_classes >= 1 (timm models and dp_taft.methods do)")
+    dataset, loader_rate = resolve_train_set(train_set)
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("train_set is empty: DP-SGD needs at least one training example")
+    if loader_rate is None:
+        batch = check_int("batch_size", args["batch_size"], f"expected Poisson batch size, at most N={n}", low=1, high=n)
+        sample_rate = batch / n
+    else:
+        sample_rate = loader_rate
+    physical = args["physical_batch_size"]
+    physical = (max(1, round(sample_rate * n)) if physical is None
+                else check_int("physical_batch_size", physical, "examples per forward/backward", low=1))
+    delta = check_delta(args["delta"], n) if args["epsilon"] is not None else None
+    check_examples(dataset, model, num_classes, "train_set")
+    if eval_set is not None:
+        check_examples(eval_set, model, num_classes, "eval_set")
+    return dataset, sample_rate, physical, delta
 
 
 def check_real(name: str, value: object, meaning: str, *, low: float = 0.0, low_open: bool = True) -> float:
@@ -105,15 +194,18 @@ def require_exact_layers(model: nn.Module, grad_sample_mode: str) -> None:
     if grad_sample_mode == "ghost":
         known |= set(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
     bad = [
-        f"'{name}' ({type(m).__module__}.{type(m).__qualname__})"
+        f"'{name or '<the model itself>'}' ({type(m).__module__}.{type(m).__qualname__}, owning "
+        f"{', '.join(n for n, p in m.named_parameters(recurse=False) if p.requires_grad)})"
         for name, m in model.named_modules()
         if any(p.requires_grad for p in m.parameters(recurse=False)) and type(m) not in known
     ]
     if bad:
         raise UnsupportedModelError(
-            f"Opacus has no exact per-sample gradient rule for the trainable layer(s) {', '.join(bad)} "
-            f"(grad_sample_mode={grad_sample_mode!r}). Freeze them (requires_grad_(False)), build the "
-            "model with dp_taft.methods, or register a grad sampler with opacus.grad_sample.register_grad_sampler."
+            f"Opacus has no exact per-sample gradient rule for the trainable layer(s) {'; '.join(bad)} "
+            f"(grad_sample_mode={grad_sample_mode!r}). To fine-tune a timm ViT privately, convert it first: "
+            "dp_taft.linearize(vit, blocks=k) (TAFT), dp_taft.methods.nlft(vit, k) or "
+            "dp_taft.methods.linear_probe(vit). Otherwise freeze those parameters (requires_grad_(False)) or "
+            "register a grad sampler with opacus.grad_sample.register_grad_sampler."
         )
 
 
@@ -126,12 +218,26 @@ def _expected_image(model: nn.Module) -> tuple[int, tuple[int, int] | None] | No
     return None
 
 
+def _refuse_non_tensor_images(dataset: Dataset, what: str) -> None:
+    """A clear error for images that are not tensors (PIL images, numpy arrays), which
+    would otherwise surface as a collate TypeError."""
+    item = dataset[0]
+    image = item[0] if isinstance(item, (list, tuple)) and len(item) == 2 else None
+    if image is not None and not torch.is_tensor(image):
+        raise ValueError(
+            f"{what} images are {type(image).__module__}.{type(image).__qualname__}, not tensors: add "
+            "torchvision.transforms.ToTensor() (and Normalize) to the dataset's transform, e.g. "
+            "transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])"
+        )
+
+
 def check_examples(dataset: Dataset, model: nn.Module, num_classes: int, what: str, batch_size: int = 256) -> None:
     """Scan every example once: (image, label) pairs, float images of the model's shape,
     all finite, integer labels in [0, num_classes).
 
     Raises before training, so a bad example never costs privacy budget.
     """
+    _refuse_non_tensor_images(dataset, what)
     expected = _expected_image(model)
     first_shape: tuple[int, ...] | None = None
     seen = 0

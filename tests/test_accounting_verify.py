@@ -1,0 +1,129 @@
+"""Verifying a saved report: PrivacyReport.verify and ``python -m accounting verify``."""
+
+import json
+
+import pytest
+
+from accounting import PrivacyReport, Segment
+from accounting.cli import main
+
+HISTORY = (Segment(2.0, 0.05, 60), Segment(1.2, 0.05, 200))
+
+
+@pytest.fixture(scope="module")
+def report() -> PrivacyReport:
+    return PrivacyReport.from_history(HISTORY, 1e-5, dataset_size=10000, target_epsilon=5.0, stages=("head", "taft"))
+
+
+def write(tmp_path, data, name="report.json") -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def verify(path, *flags) -> int:
+    return main(["verify", path, *flags])
+
+
+def test_genuine_report_verifies(tmp_path, report, capsys):
+    assert verify(write(tmp_path, report.to_json())) == 0
+    out = capsys.readouterr().out
+    assert "OK: every stated epsilon holds" in out and "DOES NOT HOLD" not in out
+
+
+def test_genuine_report_verifies_with_every_method(tmp_path, report, capsys):
+    assert verify(write(tmp_path, report.to_json()), "--method", "all", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["holds"] is True and result["delta"] == 1e-5
+    assert {(c["field"], c["method"]) for c in result["checks"]} == {
+        ("epsilon", "pld"), ("epsilons.pld", "pld"), ("target_epsilon", "pld"), ("epsilons.rdp", "rdp")}
+
+
+def test_epsilon_edited_down_fails(tmp_path, report, capsys):
+    d = report.to_dict()
+    d["epsilon"] = round(report.epsilon * 0.9, 3)  # a tampered claim: 10% less privacy loss than spent
+    assert verify(write(tmp_path, d)) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "exceeds epsilon" in out
+
+
+def test_rdp_epsilon_edited_down_fails_when_checked(tmp_path, report, capsys):
+    d = report.to_dict()
+    d["epsilons"]["rdp"] = report.epsilons["pld"]  # plausible-looking but below what RDP gives
+    path = write(tmp_path, d)
+    assert verify(path) == 0  # the default checks only the report's own method
+    assert verify(path, "--method", "rdp", "--json") == 1
+    checks = json.loads(capsys.readouterr().out.splitlines()[-1])["checks"]
+    assert checks == [{"field": "epsilons.rdp", "method": "rdp", "stated": report.epsilons["pld"],
+                       "recomputed": report.epsilons["rdp"], "holds": False}]
+
+
+def test_history_edited_fails(tmp_path, report):
+    d = report.to_dict()
+    d["history"][1]["steps"] *= 2  # more steps than the stated epsilon covers
+    assert verify(write(tmp_path, d)) == 1
+
+
+def test_overspent_budget_fails(tmp_path, capsys):
+    over = PrivacyReport.from_history(HISTORY, 1e-5, target_epsilon=1.0)
+    assert over.epsilon > 1.0  # the premise: this history spends more than the target
+    assert verify(write(tmp_path, over.to_json())) == 1
+    assert "exceeds target_epsilon" in capsys.readouterr().out
+
+
+def test_tolerance_admits_round_off(tmp_path, report):
+    d = report.to_dict()
+    d["epsilon"] = report.epsilon * (1 - 1e-6)
+    path = write(tmp_path, d)
+    assert verify(path) == 1
+    assert verify(path, "--tolerance", "1e-5") == 0
+
+
+def test_old_form_report_verifies(tmp_path, report):
+    d = report.to_dict()
+    old = {k: v for k, v in d.items() if k not in ("format", "neighbouring")}
+    old["history"] = [[s.noise_multiplier, s.sample_rate, s.steps] for s in report.history]
+    assert verify(write(tmp_path, old)) == 0
+    old["epsilon"] = report.epsilon / 2
+    assert verify(write(tmp_path, old)) == 1
+
+
+def test_cli_json_output_verifies(tmp_path, capsys):
+    assert main(["noise", "--epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.02", "--steps", "300",
+                 "--json"]) == 0
+    path = write(tmp_path, capsys.readouterr().out)
+    assert verify(path) == 0
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "cannot read REPORT.json"),
+    ("{not json", "is not valid JSON"),
+    ('{"epsilon": 1.0}', "lacks the required field"),
+    ('{"epsilon": 1.0, "delta": 1e-5, "method": "pld", "epsilons": {}, "history": [[0, 0.1, 3]]}',
+     "history[0]: noise_multiplier must be in (0, inf)"),
+])
+def test_bad_input_exits_2(tmp_path, capsys, content, message):
+    path = str(tmp_path / "missing.json") if content is None else write(tmp_path, content)
+    assert verify(path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_bad_flags_exit_2(tmp_path, capsys):
+    rdp_only = PrivacyReport.from_json('{"epsilon": 1.0, "delta": 1e-5, "method": "rdp", "epsilons": {}, '
+                                       '"history": [[2.0, 0.1, 3]]}')
+    path = write(tmp_path, rdp_only.to_json())
+    assert verify(path, "--method", "pld") == 2
+    assert "--method pld: the report states no PLD epsilon; use --method rdp" in capsys.readouterr().err
+    assert verify(path, "--tolerance", "-1") == 2
+    assert "--tolerance must be in [0, inf)" in capsys.readouterr().err
+
+
+def test_library_verify(report):
+    checks = report.verify()
+    assert [c.field for c in checks] == ["epsilon", "epsilons.pld", "target_epsilon"]
+    assert all(c.holds and c.method == "pld" for c in checks)
+    with pytest.raises(ValueError, match="states no epsilon by method 'gdp'"):
+        report.verify(["gdp"])
+    with pytest.raises(ValueError, match="tolerance"):
+        report.verify(tolerance=-0.1)

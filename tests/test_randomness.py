@@ -1,0 +1,110 @@
+"""The training randomness is secret by default, hardened in secure mode, and reproducible only on request."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import dp_taft
+from dp_taft.methods import linear_probe, taft
+from dp_taft.privacy.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from dp_taft.privacy.randomness import SecurePoissonSampler, csprng_uniform, secure_normal, secure_optimizer_class
+from fit_cases import easy_dataset, tiny_vit, trainable_state
+
+DATA = easy_dataset(96)
+PRIVATE = dict(epsilon=2.0, delta=1e-3, epochs=1, batch_size=32, lr=0.1, quiet=True)
+
+
+def test_two_default_runs_on_the_same_data_differ():
+    a = trainable_state(dp_taft.fit(taft(tiny_vit(), 1), DATA, **PRIVATE).model)
+    b = trainable_state(dp_taft.fit(taft(tiny_vit(), 1), DATA, **PRIVATE).model)
+    assert not any(torch.equal(a[k], b[k]) for k in a)  # every tensor got other noise
+
+
+def test_secret_seed_stays_in_the_private_checkpoint_and_resumes_exactly(tmp_path):
+    """A seedless run saves its secret seed only in its checkpoint; resuming it continues that stream."""
+    kwargs = dict(epsilon=None, batch_size=16, lr=0.1, quiet=True)
+    first = dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=1, checkpoint_dir=tmp_path, **kwargs)
+    seed = load_checkpoint(tmp_path / CHECKPOINT_FILE)["run"]["seed"]
+    assert isinstance(seed, int) and seed >= 0 and first.report is None
+    resumed = dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=2, checkpoint_dir=tmp_path, **kwargs)
+    replay = dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=2, seed=seed, **kwargs)
+    got, want = trainable_state(resumed.model), trainable_state(replay.model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="differs from the seed of the run being resumed"):
+        dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=2, checkpoint_dir=tmp_path, seed=seed + 1, **kwargs)
+
+
+def test_report_holds_no_seed_and_states_that_randomness_must_stay_secret():
+    result = dp_taft.fit(linear_probe(tiny_vit()), DATA, seed=12345, **PRIVATE)
+    text = result.report.to_json()
+    assert "seed" not in json.loads(text) and "12345" not in text
+    statement = result.report.statement().lower()
+    assert "secret" in statement and "seed" in statement
+
+
+def test_secure_mode_trains_privately_and_never_repeats():
+    runs = [dp_taft.fit(linear_probe(tiny_vit()), DATA, secure_mode=True, **PRIVATE) for _ in range(2)]
+    for r in runs:
+        assert r.steps == 3 and r.report.epsilon <= 2.0
+    a, b = (trainable_state(r.model) for r in runs)
+    assert not any(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("std", [0.7, 3.0])
+def test_secure_noise_is_gaussian_with_the_requested_std(std):
+    z = secure_normal(std, torch.empty(200_000, dtype=torch.float64)).numpy()
+    # std within 1% (the sample std of 2e5 normals has relative sd 0.16%), mean ~ 0, Gaussian shape
+    assert z.std() == pytest.approx(std, rel=0.01)
+    assert abs(z.mean()) < 5 * std / math.sqrt(len(z))
+    assert stats.kstest(z / std, "norm").pvalue > 1e-4
+    assert secure_normal(0.0, torch.ones(3)).eq(0).all()
+
+
+def test_secure_optimizer_adds_noise_of_std_sigma_times_c():
+    """The DP optimizer's noise in secure mode: p.grad = clipped sum + N(0, (σC)²), then / E[B]."""
+    from opacus.optimizers import DPOptimizer
+
+    p = torch.nn.Parameter(torch.zeros(100_000))
+    sigma, clip, batch = 1.3, 0.5, 4.0
+    opt = secure_optimizer_class(DPOptimizer)(torch.optim.SGD([p], lr=1.0), noise_multiplier=sigma,
+                                              max_grad_norm=clip, expected_batch_size=batch)
+    p.grad_sample = torch.zeros(2, 100_000)  # two examples with zero gradient
+    opt.step()
+    update = -p.detach()  # SGD with lr 1 from 0: the noised, averaged gradient
+    assert float(update.std()) == pytest.approx(sigma * clip / batch, rel=0.02)
+
+
+def test_secure_poisson_sampler_includes_each_example_with_probability_q():
+    sampler = SecurePoissonSampler(num_samples=1000, sample_rate=0.1, steps=200)
+    sizes = [len(b) for b in sampler]
+    assert len(sizes) == 200 and all(0 <= s <= 1000 for s in sizes)
+    assert sum(sizes) / 200 == pytest.approx(100, rel=0.03)  # sd of the mean: 9.5/sqrt(200) = 0.67
+    u = csprng_uniform(100_000).numpy()
+    assert 0 <= u.min() and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-4
+
+
+def test_grad_sample_hook_sees_each_row_with_its_dataset_position():
+    """The per-sample gradient of a linear probe's bias is softmax − onehot(label): its
+    negative entry names the row's label, which must be that of the reported position."""
+    labels = DATA.tensors[1]
+    checked = []
+
+    def hook(indices, params):
+        bias = next(p for p in params if p.ndim == 1)
+        assert bias.grad_sample.shape[0] == len(indices)
+        assert torch.equal(bias.grad_sample.argmin(dim=1), labels[indices])
+        checked.append(len(indices))
+        for q in params:  # erase every gradient: without noise, nothing may move
+            q.grad_sample.zero_()
+
+    model = linear_probe(tiny_vit())
+    before = trainable_state(model)
+    dp_taft.fit(model, DATA, epsilon=None, epochs=1, batch_size=32, lr=1.0, quiet=True, grad_sample_hook=hook)
+    assert sum(checked) > 0
+    after = trainable_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
