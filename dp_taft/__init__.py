@@ -5,8 +5,9 @@ from .tangent import TangentViT, UnsupportedModelError, linearize
 from . import methods
 from .compose import compose
 from .train import FitResult, fit
-from . import head_first, shards  # public submodules: dp_taft.head_first.fit_head_first, dp_taft.shards.fit_shards
+# public submodules: dp_taft.head_first.fit_head_first, dp_taft.shards.fit_shards, dp_taft.audit.audit_dirac
+from . import audit, head_first, shards
 
 __all__ = ["TangentViT", "UnsupportedModelError", "linearize", "fit", "FitResult", "methods", "compose",
-           "head_first", "shards"]
+           "audit", "head_first", "shards"]
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .compose import compose
+from .privacy.distributed import Comm, current
 from .privacy.randomness import derive_seed
 from .privacy.validate import check_int
 from .tangent import TangentViT
@@ -178,6 +179,7 @@ class ShardSet:
     seed: int | None
     workers: int
     out_dir: Path | None
+    comm: Comm = Comm()
     models: list[TangentViT] = field(default_factory=list)
     reports: list[accounting.PrivacyReport | None] = field(default_factory=list)
     released: list[list[accounting.PrivacyReport]] = field(default_factory=list)
@@ -208,25 +210,16 @@ class ShardSet:
         return None if self.seed is None else derive_seed(self.seed, shard, round_)
 
     def _train(self, shards: Sequence[int]) -> None:
-        jobs = []
+        """Train ``shards`` (a new round each): in a distributed launch each rank trains the
+        shards s ≡ rank (mod world) and every rank receives all of them."""
         for s in shards:
             self.rounds[s] += 1
-            positions = self.assignment.positions(s, self.removed)
-            if not positions:
-                raise ValueError(f"shard {s} has no examples left; use fewer shards")
-            ckpt = None
-            if self.out_dir is not None:
-                ckpt = self.out_dir / f"shard_{s:03d}" / f"round_{self.rounds[s]:03d}"
-            jobs.append((self.base, Subset(self.train_set, positions), self.fit_kwargs,
-                         self.shard_seed(s, self.rounds[s]), ckpt))
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.workers))
-        if self.workers <= 1:
-            outputs = [_train_shard(*job) for job in jobs]
-        else:
-            with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                     initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-                outputs = list(pool.map(_train_shard, *zip(*jobs)))
-        for s, (delta_state, report_json, seconds) in zip(shards, outputs):
+        mine = [s for s in shards if s % self.comm.world == self.comm.rank]
+        outputs = dict(zip(mine, self._run_jobs([self._job(s) for s in mine])))
+        for part in self.comm.gather(outputs):
+            outputs.update(part)
+        for s in shards:
+            delta_state, report_json, seconds = outputs[s]
             model = copy.deepcopy(self.base)
             model.load_delta_state_dict(delta_state)
             self.models[s] = model
@@ -234,6 +227,23 @@ class ShardSet:
             if self.reports[s] is not None:
                 self.released[s].append(self.reports[s])
             self.train_times[s] = seconds
+
+    def _job(self, s: int) -> tuple[Any, ...]:
+        positions = self.assignment.positions(s, self.removed)
+        if not positions:
+            raise ValueError(f"shard {s} has no examples left; use fewer shards")
+        ckpt = None
+        if self.out_dir is not None:
+            ckpt = self.out_dir / f"shard_{s:03d}" / f"round_{self.rounds[s]:03d}"
+        return self.base, Subset(self.train_set, positions), self.fit_kwargs, self.shard_seed(s, self.rounds[s]), ckpt
+
+    def _run_jobs(self, jobs: list[tuple[Any, ...]]) -> list[tuple[dict[str, torch.Tensor], str | None, float]]:
+        if self.workers <= 1 or len(jobs) <= 1:
+            return [_train_shard(*job) for job in jobs]
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            return list(pool.map(_train_shard, *zip(*jobs)))
 
     def forget(self, ids: Iterable[int]) -> ForgetResult:
         """Remove the examples with these ids: retrain from w0, without them and with fresh
@@ -255,7 +265,7 @@ class ShardSet:
         return ForgetResult(tuple(shards), ids, time.perf_counter() - start, full)
 
     def _save(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.comm.main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "assignment.json").write_text(self.assignment.to_json())
@@ -271,9 +281,11 @@ def _train_shard(base: TangentViT, data: Dataset, fit_kwargs: dict[str, Any], se
     """One shard's private fit from w0 (runs in a worker process when workers > 1)."""
     model = copy.deepcopy(base)
     start = time.perf_counter()
-    result = fit(model, data, seed=seed, checkpoint_dir=checkpoint_dir, **fit_kwargs)
+    # distributed=False: one shard is one process's job, even inside a torchrun launch
+    result = fit(model, data, seed=seed, checkpoint_dir=checkpoint_dir, distributed=False, **fit_kwargs)
     seconds = time.perf_counter() - start
-    return model.delta_state_dict(), None if result.report is None else result.report.to_json(), seconds
+    deltas = {k: v.detach().cpu() for k, v in model.delta_state_dict().items()}  # gathered across ranks
+    return deltas, None if result.report is None else result.report.to_json(), seconds
 
 
 def fit_shards(
@@ -286,6 +298,7 @@ def fit_shards(
     seed: int | None = None,
     workers: int = 1,
     out_dir: str | Path | None = None,
+    distributed: bool | None = None,
     **fit_kwargs: Any,
 ) -> ShardSet:
     """Train one private tangent model per disjoint shard, from ``model``'s w0, and compose them.
@@ -302,7 +315,10 @@ def fit_shards(
             integer makes runs reproducible (round r of shard s uses a seed derived from
             (seed, s, r)); the guarantee then requires the seed to stay secret.
         workers: parallel worker processes (spawned; each gets cores // workers threads).
-        out_dir: where the assignment, each shard's checkpoints and Δw are kept.
+        out_dir: where the assignment, each shard's checkpoints and Δw are kept (rank 0 writes).
+        distributed: None (default): under ``torchrun`` (or in an initialised process group),
+            rank r trains the shards s ≡ r (mod world) and every rank gets every shard model,
+            also on :meth:`ShardSet.forget`; False: this process trains every shard.
         **fit_kwargs: passed to :func:`dp_taft.fit` for every shard (epsilon, delta, epochs,
             batch_size, ...); ``batch_size`` is the expected batch per shard.
 
@@ -311,8 +327,8 @@ def fit_shards(
     """
     if not isinstance(model, TangentViT):
         raise ValueError(f"fit_shards() takes a TangentViT (dp_taft.linearize), got {type(model).__name__}")
-    if "seed" in fit_kwargs or "checkpoint_dir" in fit_kwargs:
-        raise ValueError("pass seed= and out_dir= to fit_shards itself; each shard derives its own")
+    if {"seed", "checkpoint_dir", "distributed"} & set(fit_kwargs):
+        raise ValueError("pass seed=, out_dir= and distributed= to fit_shards itself; each shard derives its own")
     check_int("workers", workers, "parallel worker processes", low=1)
     base = copy.deepcopy(model).cpu()
     with torch.no_grad():
@@ -323,7 +339,7 @@ def fit_shards(
         raise ValueError(f"got {len(assignment.ids)} ids for {len(train_set)} examples; give one id per example")
     shard_set = ShardSet(
         base, train_set, assignment, dict(fit_kwargs), seed, workers,
-        None if out_dir is None else Path(out_dir),
+        None if out_dir is None else Path(out_dir), current(torch.device("cpu"), distributed),
         models=[base] * n_shards, reports=[None] * n_shards, released=[[] for _ in range(n_shards)],
         train_times=[0.0] * n_shards, rounds=[0] * n_shards,
     )

@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,18 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .averaging import IterateAverage
 from .losses import make_loss
 from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, load_checkpoint
 from .privacy.data import FromPrefix, Indexed, cache_prefix, resolve_train_set
+from .privacy.distributed import current as distributed_comm
+from .privacy.distributed import local_device
 from .privacy.engine import GradSampleHook, PrivateEngine
 from .privacy.loop import EpochLoop, RunState
 from .privacy.plan import Plan, open_ledger
-from .privacy.validate import check_arguments, check_data, require_exact_layers, require_trainable
+from .privacy.prefix_cache import CacheSpec
+from .privacy.validate import check_arguments, check_data, require_trainable, resolve_grad_sample_mode
+from .schedules import make_scheduler
 
 __all__ = ["fit", "evaluate", "FitResult", "EpochRecord", "OPTIMIZERS", "ACCOUNTANTS"]
 
@@ -105,10 +111,12 @@ def fit(
     kappa: float = 15.0,
     eval_set: Dataset | None = None,
     physical_batch_size: int | None = None,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "auto",
     accountant: str = "pld",
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    cache_prefix: bool = True,
+    cache_prefix: bool | str = "auto",
+    cache_dir: str | Path | None = None,
+    cache_dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int | None = None,
     secure_mode: bool = False,
@@ -119,6 +127,14 @@ def fit(
     prior: Sequence[accounting.Segment] | accounting.PrivacyReport = (),
     stage: str | None = None,
     grad_sample_hook: GradSampleHook | None = None,
+    distributed: bool | None = None,
+    lr_schedule: str = "constant",
+    warmup: float = 0.0,
+    clipping: str = "flat",
+    clipping_gamma: float = 0.01,
+    averaging: str | None = None,
+    tail_fraction: float = 0.5,
+    ema_decay: float = 0.99,
 ) -> FitResult:
     """Train ``model`` with DP-SGD to an (``epsilon``, ``delta``) target, or non-privately.
 
@@ -137,12 +153,27 @@ def fit(
         loss: "ce" (cross-entropy) or "square" (mean over classes of (f − κ·onehot)²), κ = ``kappa``.
         eval_set: dataset evaluated (loss, accuracy) at every epoch end; not privacy-protected.
         physical_batch_size: largest batch run at once (memory); default ``batch_size``.
-        grad_sample_mode: "hooks" (per-sample gradients) or "ghost" (ghost clipping).
+        grad_sample_mode: "auto" (default): "bk" where it applies (every trainable layer has a
+            book-keeping rule, no grad_sample_hook, flat clipping), else "hooks". "bk":
+            book-keeping clipping (:mod:`dp_taft.privacy.bookkeeping`: per-sample norms and the
+            clipped sum from one backward, no per-sample gradient tensor); "hooks": Opacus'
+            per-sample gradients; "ghost": Opacus' ghost clipping. All exact, same noise.
         accountant: "pld" or "rdp" (:mod:`accounting` method).
         augment: callable applied to each physical image batch (B, C, H, W) -> same shape;
             disables the prefix cache.
         cache_prefix: for models with ``prefix``/``forward_from_prefix`` and no ``augment``,
-            compute the frozen prefix once per example and train from the cache.
+            compute the frozen prefix once per example and train from the cache
+            (:mod:`dp_taft.privacy.prefix_cache`). "auto" (default): in RAM when it needs at
+            most half the available memory, else in a memory-mapped file, saying which and why
+            (logged, and printed unless ``quiet``); True or "ram": in RAM; "disk": a
+            memory-mapped file; False: no cache (the prefix runs at every step).
+        cache_dir: directory where the cache is written as a file and kept; a later ``fit`` with
+            the same frozen prefix (its w0 and k; the head does not count), the same data and
+            ``cache_dtype`` maps it instead of computing the prefix again. None: RAM, or a
+            temporary directory deleted after the run. It holds features of the private data.
+        cache_dtype: storage of the cached values: None or "float32" (exact: the result of the
+            uncached run), "bf16" (half the bytes; each value rounded to 8 significant bits,
+            relative error <= 2^-8) or "fp16" (<= 2^-11; values beyond |x| = 65504 refused).
         device: where training runs ("cpu", "cuda", ...).
         seed: None (default): the noise, the Poisson batches and the augmentation draw from
             a secret seed taken from the OS CSPRNG and kept only in the private checkpoint.
@@ -171,6 +202,20 @@ def fit(
             parameters, each with ``.grad_sample`` (B, *shape) to read or overwrite in place.
             Used by :mod:`dp_taft.audit` to inject gradient canaries; clipping, noise and
             accounting are unchanged, so a row that depends only on its own example keeps the guarantee.
+        distributed: None (default): data-parallel over the ranks when run under ``torchrun``
+            (WORLD_SIZE > 1) or in an initialised process group with several ranks
+            (:mod:`dp_taft.privacy.distributed`): one model, each rank sampling and clipping its
+            part of every Poisson batch, noise σ·C added once per step, the same report as a
+            single process; rank 0 writes ledger and checkpoints (put ``checkpoint_dir`` on a
+            file system every rank reads). False: a single-process run even in a process group.
+        lr_schedule: "constant", "cosine" or "linear" decay over the planned steps, after
+            ``warmup`` (fraction of the planned steps in [0, 1)) of linear warm-up (:mod:`dp_taft.schedules`).
+        clipping: "flat" (each per-sample gradient scaled to norm at most C) or "automatic"
+            (normalised: g·C/(‖g‖ + ``clipping_gamma``), Bu et al. 2023; hooks mode), same sensitivity C.
+        averaging: None, "tail" (uniform average of the last ``tail_fraction`` in (0, 1] of the
+            planned steps) or "ema" (bias-corrected exponential average, ``ema_decay`` in (0, 1)
+            per step) of the iterates (:mod:`dp_taft.averaging`); the returned model and each
+            epoch's evaluation use the average. Post-processing: the report does not change.
 
     Raises:
         ValueError / UnsupportedModelError: bad arguments, data or model, with what to change;
@@ -179,66 +224,78 @@ def fit(
     # ---- 1. the plan: arguments, model, data, and σ calibrated for the whole run
     args = check_arguments(locals(), optimizers=tuple(OPTIMIZERS), accountants=ACCOUNTANTS)
     params = require_trainable(model)
-    require_exact_layers(model, grad_sample_mode)
+    grad_sample_mode = resolve_grad_sample_mode(
+        model, grad_sample_mode, per_sample_needed=grad_sample_hook is not None or clipping == "automatic")
     dataset, sample_rate, physical, delta = check_data(model, train_set, eval_set, args)
     prior_segments, prior_stages = _prior_history(args["prior"])
     plan = Plan(epsilon=args["epsilon"], delta=delta, sample_rate=sample_rate, max_grad_norm=args["max_grad_norm"],
                 dataset_size=len(dataset), accountant=accountant, prior=prior_segments, epochs=args["epochs"],
                 secure_mode=secure_mode)
 
-    # ---- 2. ledger and checkpoint
+    # ---- 2. ledger and checkpoint: rank 0 writes them and decides the run's state
+    device = torch.device(device)
+    comm = distributed_comm(device, distributed)
+    device = local_device(device, comm)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state = None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         state = load_checkpoint(ckpt_dir / CHECKPOINT_FILE)
     plan = plan.calibrated() if state is None else plan.resumed(state["plan"], ckpt_dir)
-    ledger = open_ledger(plan, ckpt_dir, None if state is None else state["ledger_steps"])
-    run = RunState.start(seed, ledger) if state is None else RunState.resume(state, ledger, seed)
+    ledger = open_ledger(plan, ckpt_dir, None if state is None else state["ledger_steps"]) if comm.main else None
+    run = comm.broadcast(RunState.start(seed, ledger) if state is None else RunState.resume(state, ledger, seed))
 
     # ---- 3. the private engine
-    device = torch.device(device)
     model.to(device)
     use_cache = cache_prefix and augment is None and hasattr(model, "prefix") and hasattr(model, "forward_from_prefix")
-    train_data, eval_data, module = _training_view(model, dataset, eval_set, use_cache, physical, device, quiet)
+    train_data, eval_data, module = _training_view(model, dataset, eval_set, use_cache, physical, device, quiet,
+                                                   (cache_prefix, cache_dir, cache_dtype))
     noise_rng = None if secure_mode else torch.Generator(device=device)
     engine = PrivateEngine.build(
         model, module, OPTIMIZERS[optimizer](params, args["lr"], args["momentum"], args["weight_decay"]),
         args["criterion"], grad_sample_mode=grad_sample_mode, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=None if plan.epsilon is None else plan.max_grad_norm,
-        expected_batch_size=sample_rate * len(dataset), noise_rng=noise_rng, hook=grad_sample_hook,
+        expected_batch_size=sample_rate * len(dataset), noise_rng=noise_rng, hook=grad_sample_hook, comm=comm,
+        normalize=(plan.max_grad_norm, clipping_gamma) if clipping == "automatic" else None,
     )
+    post = _PostProcessing.build(engine, params, plan, lr_schedule, warmup, averaging, tail_fraction, ema_decay)
     if state is not None:
         _load_trainable(model, state["trainable"])
         engine.optimizer.load_state_dict(state["optimizer"])
+        post.load_state_dict(state.get("post"))
     run.seed_generators(noise_rng, state, augment is not None)
     history = [EpochRecord(**r) for r in (state["history"] if state else [])]
 
     def save() -> None:
-        if ckpt_dir is not None:
-            atomic_save(_checkpoint(plan, run, model, engine, noise_rng, history, ledger), ckpt_dir / CHECKPOINT_FILE)
+        if ckpt_dir is not None and comm.main:
+            atomic_save(_checkpoint(plan, run, model, engine, noise_rng, history, ledger, post), ckpt_dir / CHECKPOINT_FILE)
 
     # ---- 4. the epoch loop
-    loop = EpochLoop(engine, plan, ledger, block=args["checkpoint_every"], physical=physical, device=device,
-                     augment=None if use_cache else augment, num_workers=args["num_workers"], quiet=quiet)
+    loop = EpochLoop(engine, plan, ledger, comm, block=args["checkpoint_every"], physical=physical, device=device,
+                     augment=None if use_cache else augment, num_workers=args["num_workers"], quiet=quiet,
+                     after_step=post.after_step)
     stopped = False
     with engine.training():
         while run.epoch < plan.epochs and not stopped:
             started = time.perf_counter()
             stopped = loop.run(run, train_data, f"epoch {run.epoch + 1}/{plan.epochs}", save)
-            history.append(_epoch_record(run, module, eval_data, args["criterion"], physical, device, ledger, started))
+            with post.evaluated():
+                history.append(_epoch_record(run, module, eval_data, args["criterion"], physical, device, ledger,
+                                             started))
             if not quiet:
                 tqdm.write(_describe(history[-1], plan.epochs))
             if not stopped:
                 run.next_epoch()
             save()
+    post.finish()
+    report = None if ledger is None else _report(plan, ledger, run, prior_stages, stage)
+    report, history = comm.broadcast((report, history))  # every rank returns rank 0's ledger-based view
     if stopped:
         warnings.warn(
-            f"privacy budget epsilon={plan.epsilon} reached after {run.step} steps (ledger: {ledger.steps} "
+            f"privacy budget epsilon={plan.epsilon} reached after {run.step} steps (ledger: {report.steps} "
             f"reserved); training stopped before the planned {plan.planned_steps} steps.",
             stacklevel=2,
         )
-    report = None if ledger is None else _report(plan, ledger, run, prior_stages, stage)
     return FitResult(model=model, report=report, history=history, noise_multiplier=plan.noise_multiplier,
                      sample_rate=sample_rate, steps=run.step)
 
@@ -253,15 +310,19 @@ def _prior_history(prior: Sequence[accounting.Segment] | accounting.PrivacyRepor
 
 
 def _training_view(model: nn.Module, dataset: Dataset, eval_set: Dataset | None, use_cache: bool, physical: int,
-                   device: torch.device, quiet: bool) -> tuple[Dataset, Dataset | None, nn.Module]:
+                   device: torch.device, quiet: bool,
+                   cache: tuple[bool | str, str | Path | None, str | torch.dtype | None],
+                   ) -> tuple[Dataset, Dataset | None, nn.Module]:
     """(indexed training data, evaluation data, module to train): from cached prefix outputs
-    through :class:`FromPrefix` when ``use_cache``, else the images through ``model``."""
-    if not use_cache:
+    through :class:`FromPrefix` when ``use_cache``, else the images through ``model``.
+    ``cache`` is fit's (cache_prefix, cache_dir, cache_dtype), checked even when no cache is used."""
+    spec = CacheSpec.parse(*cache)
+    if not use_cache or spec is None:
         return Indexed(dataset), eval_set, model
     model.eval()
-    cached = cache_prefix(model, dataset, batch_size=physical, device=device, quiet=quiet, desc="caching prefix (train)")
+    cached = cache_prefix(model, dataset, batch_size=physical, device=device, quiet=quiet, desc="train", spec=spec)
     cached_eval = None if eval_set is None else cache_prefix(
-        model, eval_set, batch_size=physical, device=device, quiet=quiet, desc="caching prefix (eval)")
+        model, eval_set, batch_size=physical, device=device, quiet=quiet, desc="eval", spec=spec)
     return Indexed(cached), cached_eval, FromPrefix(model)
 
 
@@ -305,7 +366,7 @@ def _merged(entries: Sequence[accounting.Segment]) -> list[accounting.Segment]:
 
 
 def _checkpoint(plan: Plan, run: RunState, model: nn.Module, engine: PrivateEngine, noise_rng: torch.Generator | None,
-                history: list[EpochRecord], ledger: Any) -> dict[str, Any]:
+                history: list[EpochRecord], ledger: Any, post: "_PostProcessing") -> dict[str, Any]:
     """Everything a resume needs. Private: it holds the run's secret seed and generator states."""
     return {
         "plan": plan.to_dict(),
@@ -316,7 +377,48 @@ def _checkpoint(plan: Plan, run: RunState, model: nn.Module, engine: PrivateEngi
         "noise_rng": None if noise_rng is None else noise_rng.get_state(),
         "torch_rng": torch.get_rng_state(),
         "history": [asdict(r) for r in history],
+        "post": post.state_dict(),
     }
+
+
+@dataclass
+class _PostProcessing:
+    """What happens to the released iterates after each step: the LR schedule, iterate averaging."""
+
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    average: IterateAverage | None
+
+    @classmethod
+    def build(cls, engine: PrivateEngine, params: list[nn.Parameter], plan: Plan, schedule: str, warmup: float,
+              averaging: str | None, tail_fraction: float, ema_decay: float) -> "_PostProcessing":
+        scheduler = make_scheduler(engine.optimizer.original_optimizer, plan.planned_steps, schedule, warmup)
+        average = None if averaging is None else IterateAverage(
+            params, averaging, plan.planned_steps, tail_fraction=tail_fraction, ema_decay=ema_decay)
+        return cls(scheduler, average)
+
+    def after_step(self) -> None:
+        self.scheduler.step()
+        if self.average is not None:
+            self.average.update()
+
+    def evaluated(self) -> Any:
+        """Context in which the model holds what :meth:`finish` will return."""
+        return nullcontext() if self.average is None else self.average.applied()
+
+    def finish(self) -> None:
+        if self.average is not None:
+            self.average.apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(),
+                "average": None if self.average is None else self.average.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:  # a checkpoint from before schedules and averaging: constant lr, no average
+            return
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None and state["average"] is not None:
+            self.average.load_state_dict(state["average"])
 
 
 def _load_trainable(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:

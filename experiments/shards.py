@@ -16,7 +16,9 @@ two experiments share one configuration. Outputs, in ``--out`` (default
 * ``reports/<run_id>.json``: the composed model's privacy statement and per-shard reports;
 * ``summary.md``: accuracy mean ± std over seeds (rows: shards, columns: target ε) and
   the removal-time table (mean ± std over ε and seeds);
-* ``shards.png``: accuracy against the number of shards, one line per ε.
+* ``shards.png``: accuracy against the number of shards, one line per ε;
+* ``prefix_cache/``: each shard's frozen-prefix features, computed once and reused across ε
+  and seeds (private data: never publish it).
 
 Batch size per shard is ``round(batch_size / n_shards)``, which keeps each shard's sample
 rate q = batch / N_shard equal to the unsharded run's and, with the same epochs, the same
@@ -51,7 +53,8 @@ import torch
 import torch.nn as nn
 
 from dp_taft import methods
-from dp_taft.shards import ShardAssignment, content_ids, fit_shards
+from dp_taft.privacy.distributed import current as distributed_comm
+from dp_taft.shards import ShardAssignment, ShardPrivacyReport, content_ids, fit_shards
 from dp_taft.train import evaluate
 from experiments import results as res
 from experiments import sweep as sw
@@ -142,12 +145,13 @@ def run_id(n_shards: int, epsilon: float, seed: int) -> str:
 
 
 # --------------------------------------------------------------------------- one configuration
-def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any], out: Path, *,
+def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any], out: Path | None, *,
             ids: Sequence[int], workers: int, device: str, quiet: bool) -> dict[str, Any]:
     """Train the shards, evaluate the composition, forget one example; returns the CSV row.
 
     ``ids``: stable ids of ``task.train``'s examples (their content ids: deleting one example
-    moves no other between shards, which positions would)."""
+    moves no other between shards, which positions would). ``out`` None: a torchrun rank
+    other than 0, which trains its shards and writes nothing."""
     hp = dict(run.hparams)
     rid = run_id(n_shards, run.epsilon, run.seed)
     n = len(task.train)
@@ -172,6 +176,7 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
             shards = fit_shards(
                 model, task.train, n_shards, ids=ids, key=settings["shard_key"],
                 seed=run.seed if settings["reproducible"] else None, workers=workers,
+                cache_dir=None if out is None else out / sw.PREFIX_CACHE_DIR,  # each shard's prefix once
                 epsilon=run.epsilon if private else None, delta=settings["delta"] if private else None,
                 accountant=settings["accountant"], physical_batch_size=physical, device=device, quiet=quiet, **hp,
             )
@@ -183,12 +188,6 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
                            per_shard_epsilon=";".join(f"{r.epsilon:.4g}" for r in report.per_shard),
                            sample_rate=";".join(f"{r.history[0].sample_rate:.4g}" for r in report.per_shard),
                            steps=";".join(str(sum(s.steps for s in r.history)) for r in report.per_shard))
-                rel = Path("reports") / f"{rid}.json"
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_text(json.dumps({"statement": report.statement(), "epsilon": report.epsilon,
-                                                   "delta": report.delta,
-                                                   "per_shard": [json.loads(r.to_json()) for r in report.per_shard]},
-                                                  indent=1))
             else:
                 row.update(epsilon=math.inf, per_shard_epsilon=";".join(["inf"] * n_shards))
             removed = ids[random.Random(f"forget:{run.seed}").randrange(n)]  # fixed per seed across shard counts
@@ -197,15 +196,27 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
                        removal_wall_time_s=round(forgot.wall_time_s, 3),
                        full_retrain_time_s=round(forgot.full_retrain_time_s, 3), speedup=forgot.speedup,
                        accuracy_after_removal=accuracy(shards.composed, task.test, device), status="ok", error="")
+            if shards.report is not None and out is not None:  # after the removal: both releases covered
+                _write_report(out / "reports" / f"{rid}.json", shards.report)
         except Exception as e:  # noqa: BLE001 -- a failed configuration is recorded and the experiment goes on
             row.update(status="failed", error=f"{type(e).__name__}: {e}".replace("\n", " ")[:1000])
             details["traceback"] = traceback.format_exc()
     row["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
     details["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     details["row"] = {k: res.format_number(v) for k, v in row.items()}
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "runs" / f"{rid}.json").write_text(json.dumps(details, indent=1, default=str))
+    if out is not None:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        (out / "runs" / f"{rid}.json").write_text(json.dumps(details, indent=1, default=str))
     return row
+
+
+def _write_report(path: Path, report: ShardPrivacyReport) -> None:
+    """The composed model's statement and every shard's own report (named-field JSON), after
+    the removal: ``all_releases_epsilon`` covers the models from before and after it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"statement": report.statement(), "epsilon": report.epsilon, "delta": report.delta,
+                                "all_releases_epsilon": report.all_releases_epsilon,
+                                "per_shard": [r.to_dict() for r in report.per_shard]}, indent=1))
 
 
 def accuracy(model: nn.Module, data: Any, device: str) -> float:
@@ -330,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    comm = distributed_comm(torch.device(args.device), None)  # under torchrun: shards spread over the ranks
     task = sw.build_task(args, settings)
     n = len(task.train)
     ids = content_ids(task.train)
@@ -348,8 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {out} holds runs made with other settings ({', '.join(conflicts[:5])}): rerun with the same "
               "config, profile and options to resume, or use a new --out", file=sys.stderr)
         return 2
-    pending = [(r, s) for r, s in plan
-               if not ((prev := done.get(key(r, s))) and (prev["status"] == "ok" or not args.retry_failed))]
+    pending = comm.broadcast([(r, s) for r, s in plan  # every rank runs rank 0's list, in step
+                              if not ((prev := done.get(key(r, s))) and (prev["status"] == "ok" or not args.retry_failed))])
+    if not comm.main:
+        for run, s in pending:
+            run_one(run, s, task, settings, None, ids=ids, workers=args.workers, device=args.device, quiet=True)
+        return 0
     with open(out / "invocations.jsonl", "a") as f:
         f.write(json.dumps({"at": datetime.datetime.now().isoformat(timespec="seconds"),
                             "argv": list(argv) if argv is not None else sys.argv[1:], "profile": args.profile,

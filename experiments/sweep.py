@@ -12,6 +12,9 @@ classes 0-4) and writes, in ``--out`` (default ``results/<timestamp>/``):
 * ``reports/<run_id>.json``: the run's :class:`accounting.PrivacyReport` (private runs);
 * ``runs/<run_id>.json``: hyperparameters, per-epoch history, warnings, error traceback;
 * ``summary.md``: mean ± std test accuracy (%) over seeds, rows methods, columns ε;
+* ``prefix_cache/``: each distinct frozen-prefix output (train and test), computed once and
+  mapped by every run that shares it (``--no-prefix-reuse``: none). It holds features of
+  the private data: delete it, with ``checkpoints/``, when the sweep is done;
 * ``privacy_utility.png``: accuracy against ε per method, ∞ (non-private) apart.
 
 ``--quick`` (every method and ε once, on less data) and ``--smoke`` (tests) pick other
@@ -75,6 +78,8 @@ COLUMNS = (
     "settings", "finished_at",
 )
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "results.csv", "summary.md", "privacy_utility.png"
+#: Prefix caches shared by the runs (features of the private data: delete it with the checkpoints).
+PREFIX_CACHE_DIR = "prefix_cache"
 
 
 # --------------------------------------------------------------------------- config
@@ -248,13 +253,19 @@ def train_method(method: str, k: int, backbone: nn.Module, train_set: Dataset, *
 # --------------------------------------------------------------------------- data and backbones
 @dataclass
 class Task:
-    """Private train/test sets and a backbone factory ``backbone(seed)`` (head initialised from ``seed``)."""
+    """Private train/test sets and a backbone factory ``backbone(seed)`` (head initialised from ``seed``).
+
+    ``reuse_prefix``: runs store their prefix caches under ``<out>/prefix_cache/`` and map
+    the ones an earlier run (or an earlier invocation) computed for the same frozen prefix
+    and data, so each distinct prefix is computed once; False recomputes it in every run.
+    """
 
     train: Dataset
     test: Dataset
     num_classes: int
     backbone: Callable[[int], nn.Module]
     info: dict[str, Any]  # identifies data and model, part of every run's settings hash
+    reuse_prefix: bool = True
 
 
 def _load_default_checkpoint(path: Path, num_classes: int, seed: int) -> nn.Module:
@@ -366,7 +377,8 @@ def build_task(args: argparse.Namespace, sweep: dict[str, Any]) -> Task:
         "timm_kwargs": json.loads(args.timm_kwargs) if args.timm_kwargs else {},
         "n_train": len(train), "n_test": len(test), "data_seed": data_seed,
     }
-    return Task(train, test, num_classes, backbone, info)
+    # experiments.shards builds its own args, without this sweep option
+    return Task(train, test, num_classes, backbone, info, reuse_prefix=not getattr(args, "no_prefix_reuse", False))
 
 
 # --------------------------------------------------------------------------- one run
@@ -404,7 +416,8 @@ def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: s
                 run.method, run.k, task.backbone(run.seed), task.train, epsilon=run.epsilon if private else None,
                 delta=sweep["delta"] if private else None, eval_set=task.test, physical_batch_size=physical,
                 accountant=sweep["accountant"], device=device, seed=run.seed if sweep["reproducible"] else None,
-                checkpoint_dir=out / "checkpoints" / run.run_id, quiet=quiet, **hp,
+                checkpoint_dir=out / "checkpoints" / run.run_id, quiet=quiet,
+                cache_dir=out / PREFIX_CACHE_DIR if task.reuse_prefix else None, **hp,
             )
             row.update(sigma=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps,
                        accuracy=result.history[-1].eval_accuracy, status="ok", error="")
@@ -539,6 +552,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help=f"compute the frozen prefix in every run instead of storing it once under OUT/{PREFIX_CACHE_DIR}/")
     p.add_argument("--quiet", action="store_true", help="no per-run progress bars")
     p.add_argument("--no-progress", action="store_true", help="no progress bars at all")
     p.add_argument("--report-only", action="store_true", help="only rewrite summary.md and the plot from results.csv")

@@ -31,3 +31,18 @@ def easy_dataset(n: int, seed: int = 0, noise: float = 0.5) -> TensorDataset:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters, by name."""
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def interrupt_after(monkeypatch, steps: int, error: type[BaseException]) -> None:
+    """Make the engine raise ``error`` when asked for a physical batch after ``steps`` executed
+    DP-SGD steps: a crash after the next step was reserved, before its noise (any grad_sample_mode)."""
+    from dp_taft.privacy.engine import PrivateEngine
+
+    physical_step = PrivateEngine.physical_step
+
+    def crash(self, *args):
+        if self.executed == steps:
+            raise error
+        return physical_step(self, *args)
+
+    monkeypatch.setattr(PrivateEngine, "physical_step", crash)

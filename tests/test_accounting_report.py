@@ -138,7 +138,8 @@ def test_statement_says_what_is_covered():
         s = r.statement()
         assert "\n" not in s
         for phrase in ["adding or removing one example", "Poisson", "hyperparameter", "pretraining",
-                       "single training example", f"{make().epsilon:.4g}", "1e-05", "50000", "group privacy"]:
+                       "single training example", f"{make().epsilon:.4g}", "1e-05", "50000", "group privacy",
+                       "dataset size, which sets the sample rate", "treated as public"]:
             assert phrase in s
     assert "(epsilon=" in str(make())
 

@@ -12,38 +12,37 @@ import time
 from pathlib import Path
 
 import accounting
-import opacus.optimizers.optimizer as opacus_optimizer
 import pytest
 import torch
 
 import dp_taft
 from dp_taft.methods import linear_probe
 from dp_taft.privacy.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, Ledger, atomic_save, load_checkpoint
-from fit_cases import easy_dataset, tiny_vit, trainable_state
+from fit_cases import easy_dataset, interrupt_after, tiny_vit, trainable_state
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET, DELTA = 2.0, 1e-3
 
-# The child counts every step Opacus executes (one add_noise per step), durably, before
-# the step's update is applied; it sleeps so the parent can kill it mid-epoch.
+# The child counts every step Opacus executes (the engine's step hook runs once per step,
+# after the noise, before the update), durably; it sleeps so the parent can kill it mid-epoch.
 CHILD = textwrap.dedent(
     """
     import json, os, sys, time
-    import opacus.optimizers.optimizer as oo
     import dp_taft
+    from dp_taft.privacy.engine import PrivateEngine
     from dp_taft.methods import linear_probe
     from fit_cases import easy_dataset, tiny_vit
 
     ckpt, counter, out, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-    add_noise = oo.DPOptimizer.add_noise
+    count = PrivateEngine._count
 
-    def counting_add_noise(self):
-        add_noise(self)
+    def counting(self, optimizer):
+        count(self, optimizer)
         with open(counter, "a") as f:
             f.write("step\\n"); f.flush(); os.fsync(f.fileno())
         time.sleep(pause)
 
-    oo.DPOptimizer.add_noise = counting_add_noise
+    PrivateEngine._count = counting
     result = dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(96), epsilon=%r, delta=%r, epochs=3,
                          batch_size=16, lr=0.1, checkpoint_dir=ckpt, checkpoint_every=4, quiet=True)
     with open(out, "w") as f:
@@ -102,16 +101,8 @@ class _Interrupt(Exception):
 
 
 def _interrupt_after(monkeypatch, steps: int) -> None:
-    """Make the `steps`+1-th DP-SGD step raise before its noise is drawn (a crash)."""
-    add_noise, calls = opacus_optimizer.DPOptimizer.add_noise, [0]
-
-    def add_noise_or_crash(self):
-        if calls[0] == steps:
-            raise _Interrupt
-        calls[0] += 1
-        add_noise(self)
-
-    monkeypatch.setattr(opacus_optimizer.DPOptimizer, "add_noise", add_noise_or_crash)
+    """Make the `steps`+1-th DP-SGD step raise before its noise is drawn (a crash), in any mode."""
+    interrupt_after(monkeypatch, steps, _Interrupt)
 
 
 @pytest.mark.parametrize("epsilon", [None, TARGET], ids=["non-private", "private"])

@@ -46,7 +46,7 @@ def private_run():
         # lr = 0: the run spends budget and draws noise but must not move the weights;
         # C = 0.05 is far below the per-sample gradient norms, so clipping is active.
         result = dp_taft.fit(model, TRAIN, epsilon=3.0, delta=DELTA, epochs=2, batch_size=16, max_grad_norm=0.05,
-                             lr=0.0, eval_set=TEST, quiet=True)
+                             lr=0.0, eval_set=TEST, quiet=True, grad_sample_mode="hooks")
     return result, before, clipped, noise
 
 
@@ -144,20 +144,20 @@ def test_prefix_cache_gives_the_uncached_result(build):
 
 
 @pytest.mark.parametrize("build", [lambda m: taft(m, 2), lambda m: nlft(m, 1)], ids=["taft", "nlft"])
-def test_ghost_clipping_and_small_physical_batches_match_hooks(build):
+def test_ghost_bk_default_and_small_physical_batches_match_hooks(build):
     def run(**kwargs):
         model = build(tiny_vit())
         dp_taft.fit(model, TRAIN, epsilon=2.0, delta=DELTA, epochs=1, batch_size=32, lr=0.1, quiet=True, seed=0,
                     **kwargs)
         return trainable_state(model)
 
-    hooks = run()
-    for other in (run(grad_sample_mode="ghost"), run(physical_batch_size=7)):
+    hooks = run(grad_sample_mode="hooks")
+    for other in (run(grad_sample_mode="ghost"), run(grad_sample_mode="bk"), run(), run(physical_batch_size=7)):
         for k in hooks:
             torch.testing.assert_close(other[k], hooks[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_square_loss_adam_and_empty_poisson_batches(mode):
     # q = 1/32: about 37% of the logical batches are empty and must still be noisy steps.
     data = easy_dataset(32)

@@ -6,6 +6,7 @@ Like tests/test_sweep.py, the run uses a randomly initialised default ViT passed
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def test_smoke_outputs_and_privacy(smoke_out):
         assert eps <= target and eps == pytest.approx(max(per_shard), rel=1e-3)
         if math.isfinite(target):
             assert float(r["delta"]) == settings["delta"]
-            assert (smoke_out / "reports" / f"{r['run_id']}.json").is_file()
+            saved = json.loads((smoke_out / "reports" / f"{r['run_id']}.json").read_text())
+            # written after the removal: releasing the models from before and after it composes
+            assert saved["all_releases_epsilon"] > saved["epsilon"] == pytest.approx(eps, rel=1e-3)
+            assert "before and after" in saved["statement"]
         assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["accuracy_after_removal"]) <= 1
         # batch per shard keeps the unsharded sample rate; removal retrains exactly one shard
         assert int(r["batch_size_per_shard"]) == round(int(r["batch_size"]) / int(r["n_shards"]))
@@ -93,3 +97,21 @@ def test_quick_profile_resolves():
     assert default["n_shards"] == [1, 2, 4, 8] and default["private_train_size"] == 10000
     assert default["delta"] == 1e-5 and math.isinf(default["epsilons"][-1])
     assert hp_default["batch_size"] == 500 and hp_default["epochs"] == 3  # the sweep's TAFT defaults
+
+
+def test_smoke_runs_its_shards_across_two_torchrun_ranks(tmp_path, backbone_file):
+    """Under torchrun, rank r trains the shards s ≡ r (mod 2); rank 0 alone writes the outputs."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "experiments.shards", "--smoke", "--checkpoint", str(backbone_file), "--out", str(out),
+                          "--quiet", "--threads", "1", "--epsilons", "8", "--n-shards", "2"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = res.read_rows(out / shards.CSV_NAME)
+    assert [r["run_id"] for r in rows] == ["shards2_eps8_seed0"]  # one row: the other rank wrote nothing
+    assert rows[0]["status"] == "ok" and float(rows[0]["epsilon"]) <= 8.0
+    assert len(rows[0]["per_shard_epsilon"].split(";")) == 2

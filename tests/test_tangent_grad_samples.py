@@ -4,39 +4,17 @@ from __future__ import annotations
 
 import copy
 
-import opacus.grad_sample.grad_sample_module as gsm_module
-import opacus.grad_sample.grad_sample_module_fast_gradient_clipping as ghost_module
 import pytest
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch.func import functional_call, grad, vmap
 
 import dp_taft
 from dp_taft.privacy.data import FromPrefix
-from vit_cases import VARIANTS, images, make_vit, randomize_deltas
-
-KAPPA = 15.0
-
-
-def per_example_loss(logits, y, kind):
-    if kind == "ce":
-        return F.cross_entropy(logits, y, reduction="none")
-    classes = torch.arange(logits.shape[-1], device=logits.device)
-    target = KAPPA * (classes == y[:, None]).to(logits.dtype)  # one-hot that vmap accepts
-    return ((logits - target) ** 2).mean(-1)
-
-
-@pytest.fixture(autouse=True)
-def forbid_functorch_fallback(monkeypatch):
-    """Any layer without an exact registered sampler would route here: make that fail."""
-
-    def refuse(layer, *_):
-        raise AssertionError(f"functorch fallback for {type(layer).__name__}")
-
-    monkeypatch.setattr(gsm_module, "ft_compute_per_sample_gradient", refuse)
-    monkeypatch.setattr(ghost_module, "ft_compute_per_sample_gradient", refuse)
+from vit_cases import (  # noqa: F401 -- forbid_functorch_fallback: an autouse fixture
+    VARIANTS, forbid_functorch_fallback, images, make_vit, per_example_loss, randomize_deltas,
+)
 
 
 def opacus_grad_samples(model, x, y, kind):

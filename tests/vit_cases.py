@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import opacus.grad_sample.grad_sample_module as gsm_module
+import opacus.grad_sample.grad_sample_module_fast_gradient_clipping as ghost_module
+import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 # name -> VisionTransformer kwargs; each differs from BASE in one supported feature.
 BASE = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=24, depth=3, num_heads=2, num_classes=5)
@@ -52,3 +56,27 @@ def randomize_deltas(tangent, scale: float = 0.1, seed: int = 2) -> None:
     with torch.no_grad():
         for p in tangent.deltas().values():
             p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+KAPPA = 15.0
+
+
+def per_example_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example CE or rescaled square loss (mean over classes of (f − κ·onehot)²)."""
+    if kind == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    classes = torch.arange(logits.shape[-1], device=logits.device)
+    target = KAPPA * (classes == y[:, None]).to(logits.dtype)  # one-hot that vmap accepts
+    return ((logits - target) ** 2).mean(-1)
+
+
+@pytest.fixture(autouse=True)
+def forbid_functorch_fallback(monkeypatch):
+    """Any layer without an exact registered sampler would route to functorch: make that fail.
+    Autouse in every test module that imports it."""
+
+    def refuse(layer, *_):
+        raise AssertionError(f"functorch fallback for {type(layer).__name__}")
+
+    monkeypatch.setattr(gsm_module, "ft_compute_per_sample_gradient", refuse)
+    monkeypatch.setattr(ghost_module, "ft_compute_per_sample_gradient", refuse)

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .distributed import Comm, DistributedPoissonSampler
+from .prefix_cache import CacheSpec, PrefixCache, build_prefix_cache
 from .randomness import SecurePoissonSampler
 
 __all__ = ["resolve_train_set", "Indexed", "poisson_sampler", "poisson_loader", "cache_prefix", "FromPrefix"]
@@ -52,22 +53,30 @@ class Indexed(Dataset):
         return x, y, torch.tensor(i, dtype=torch.int64)
 
 
-def poisson_sampler(n: int, sample_rate: float, *, steps: int, skip: int,
-                    generator: torch.Generator | None) -> UniformWithReplacementSampler:
-    """Opacus' Poisson batch sampler over ``n`` examples yielding ``steps`` batches, each
-    example included with probability ``sample_rate``.
+def poisson_sampler(n: int, sample_rate: float, *, steps: int, skip: int, generator: torch.Generator | None,
+                    comm: Comm = Comm()) -> UniformWithReplacementSampler:
+    """Opacus-style Poisson batch sampler over ``n`` examples yielding ``steps`` batches, each
+    example included with probability ``sample_rate`` (in a distributed run, this rank's
+    part of each batch: :class:`~dp_taft.privacy.distributed.DistributedPoissonSampler`).
 
     ``generator`` None: secure mode, coin flips from the OS CSPRNG (nothing to skip or
     replay). Otherwise the first ``skip`` batch draws of ``generator`` are discarded first:
     replaying only the coin flips (no data is loaded), so a resumed epoch sees exactly the
     batches the interrupted one would have seen next.
     """
-    if generator is None:
-        return SecurePoissonSampler(num_samples=n, sample_rate=sample_rate, steps=steps)
-    skipped = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=skip)
-    for _ in itertools.islice(skipped, skip):
-        pass
-    return UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=steps)
+
+    def make(count: int) -> UniformWithReplacementSampler:
+        if comm.distributed:
+            return DistributedPoissonSampler(num_samples=n, sample_rate=sample_rate, steps=count, comm=comm,
+                                             generator=generator)
+        if generator is None:
+            return SecurePoissonSampler(num_samples=n, sample_rate=sample_rate, steps=count)
+        return UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=count)
+
+    if generator is not None:
+        for _ in itertools.islice(make(skip), skip):
+            pass
+    return make(steps)
 
 
 def poisson_loader(dataset: Dataset, sampler: UniformWithReplacementSampler, *, num_workers: int) -> DataLoader:
@@ -79,17 +88,14 @@ def poisson_loader(dataset: Dataset, sampler: UniformWithReplacementSampler, *, 
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 
-@torch.no_grad()
-def cache_prefix(
-    model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device, quiet: bool, desc: str
-) -> TensorDataset:
-    """``TensorDataset(model.prefix(x), y)`` over ``dataset``, computed once on ``device``, kept on CPU."""
-    hs, ys = [], []
-    batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, y in tqdm(batches, desc=desc, disable=quiet, leave=False):
-        hs.append(model.prefix(x.to(device)).cpu())
-        ys.append(y)
-    return TensorDataset(torch.cat(hs), torch.cat(ys))
+def cache_prefix(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device, quiet: bool, desc: str,
+                 spec: CacheSpec | None = None) -> PrefixCache:
+    """``model.prefix`` of every example of ``dataset`` (computed in batches of ``batch_size``
+    on ``device``) and its label, stored as ``spec`` says (default: "auto", float32) and
+    read back as float32: see :mod:`dp_taft.privacy.prefix_cache`. ``desc`` names the set
+    ("train", "eval") in the progress bar and in the line that says where the cache went."""
+    return build_prefix_cache(model, dataset, CacheSpec() if spec is None else spec, batch_size=batch_size,
+                              device=device, quiet=quiet, desc=desc)
 
 
 class FromPrefix(nn.Module):

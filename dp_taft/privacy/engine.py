@@ -13,11 +13,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.grad_sample import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 from ..tangent import per_sample_gradients_only
+from .bookkeeping import make_bk_module
+from .distributed import Comm
 from .randomness import secure_optimizer_class
 
 __all__ = ["GradSampleHook", "PrivateEngine", "NO_CLIP"]
@@ -46,32 +49,61 @@ class PrivateEngine:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     ghost: bool
     hook: GradSampleHook | None
+    normalize: tuple[float, float] | None = None  # automatic clipping's (C, γ), None for flat clipping
     executed: int = 0
 
     @classmethod
     def build(cls, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
               grad_sample_mode: str, noise_multiplier: float, max_grad_norm: float | None, expected_batch_size: float,
-              noise_rng: torch.Generator | None, hook: GradSampleHook | None) -> "PrivateEngine":
+              noise_rng: torch.Generator | None, hook: GradSampleHook | None, comm: Comm,
+              normalize: tuple[float, float] | None = None) -> "PrivateEngine":
         """Wrap ``module`` (``model`` or a view of it that shares its parameters) for DP-SGD.
 
         ``max_grad_norm`` None: non-private (no clipping, σ must be 0). ``noise_rng`` None
         selects secure mode: noise from the OS CSPRNG (:mod:`dp_taft.privacy.randomness`).
+        ``expected_batch_size``: q·N of the whole logical batch. In a distributed run
+        (``comm``) the module is wrapped in Opacus' DPDDP (rank 0's weights broadcast) and
+        Opacus' distributed optimizer noises on rank 0 and averages over the ranks.
+        ``normalize`` (C, γ): automatic clipping (hooks mode), see :meth:`_normalize`.
         """
         clip = NO_CLIP if max_grad_norm is None else max_grad_norm
-        ghost = grad_sample_mode == "ghost"
-        gsm = prepare_module(module, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean",
-                             **({"max_grad_norm": clip} if ghost else {}))
-        base = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=grad_sample_mode)
+        ghost, bk = grad_sample_mode == "ghost", grad_sample_mode == "bk"
+        if comm.distributed:
+            module = DPDDP(module)
+        if bk:  # book-keeping: p.grad holds the clipped sum after backward, as in ghost mode
+            gsm = make_bk_module(module, clip)
+        else:
+            gsm = prepare_module(module, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean",
+                                 **({"max_grad_norm": clip} if ghost else {}))
+        base = get_optimizer_class(clipping="flat", distributed=comm.distributed,
+                                   grad_sample_mode="ghost" if bk else grad_sample_mode)
         opt_class = secure_optimizer_class(base) if noise_rng is None else base
+        # Each rank divides its (noised on rank 0) sum by its share of q·N, and the all-reduce
+        # averages over ranks: together, (Σ clipped gradients + one noise draw) / (q·N).
         dp_opt = opt_class(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
-                           expected_batch_size=expected_batch_size, loss_reduction="mean", generator=noise_rng)
+                           expected_batch_size=expected_batch_size / comm.world, loss_reduction="mean",
+                           generator=noise_rng)
         loss_fn = DPLossFastGradientClipping(gsm, dp_opt, criterion, "mean") if ghost else criterion
-        engine = cls(model, gsm, dp_opt, loss_fn, ghost, hook)
+        engine = cls(model, gsm, dp_opt, loss_fn, ghost, hook, normalize)
         dp_opt.attach_step_hook(engine._count)  # Opacus calls it after each noised step
         return engine
 
     def _count(self, _optimizer: DPOptimizer) -> None:
         self.executed += 1
+
+    @torch.no_grad()
+    def _normalize(self, clip: float, gamma: float) -> None:
+        """Automatic clipping (Bu, Wang, Zha, Karypis, "Automatic clipping: differentially private
+        deep learning made easier and stronger", NeurIPS 2023, eq. 4): g_i ← C·g_i/(‖g_i‖ + γ).
+
+        Every row's norm is then below C (sensitivity C, as with flat clipping at C), so
+        Opacus' clip factor min(1, C/‖g_i‖) that follows is 1 and the noise σ·C unchanged.
+        """
+        samples = [p.grad_sample for p in self.optimizer.params]
+        norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+        factor = clip / (norms + gamma)
+        for g in samples:
+            g.mul_(factor.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
 
     @contextmanager
     def training(self) -> Iterator[None]:
@@ -111,6 +143,8 @@ class PrivateEngine:
             batch_loss.backward()
             if self.hook is not None:
                 self.hook(indices, self.optimizer.params)
+            if self.normalize is not None:
+                self._normalize(*self.normalize)
             loss_sum = float(batch_loss.item()) * len(y)
         self.optimizer.step()
         self.optimizer.zero_grad()

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Ledger
 from .data import poisson_loader, poisson_sampler
+from .distributed import Comm
 from .engine import PrivateEngine
 from .plan import Plan
 from .randomness import derive_seed, secret_seed
@@ -104,28 +105,32 @@ class EpochLoop:
     """Runs the DP-SGD steps of one epoch: Poisson batches, write-ahead reservations, checkpoints.
 
     ``block``: steps per reservation and between checkpoints; ``physical``: largest batch
-    run at once; ``augment``: applied to each physical image batch.
+    run at once; ``augment``: applied to each physical image batch; ``after_step``: called
+    after every DP-SGD step (post-processing of the released iterate only).
     """
 
     engine: PrivateEngine
     plan: Plan
-    ledger: Ledger | None
+    ledger: Ledger | None  # None when non-private, and on every rank but the main one
+    comm: Comm
     block: int
     physical: int
     device: torch.device
     augment: Callable[[torch.Tensor], torch.Tensor] | None
     num_workers: int
     quiet: bool
+    after_step: Callable[[], None] | None = None  # e.g. the LR schedule and the iterate average
 
     def run(self, run: RunState, data: Dataset, desc: str, save: Callable[[], None]) -> bool:
         """Train until the epoch ends; True when the budget guard stopped training."""
         self.engine.gsm.train()  # the previous epoch's evaluation left it in eval mode
         loss_sum, seen = run.partial_loss
-        secure = self.plan.secure_mode
-        sampler = poisson_sampler(
-            len(data), self.plan.sample_rate, steps=self.plan.steps_per_epoch - run.in_epoch, skip=run.sampler_draws,
-            generator=None if secure else torch.Generator().manual_seed(run.sampler_seed),
-        )
+        generator = None  # secure mode: CSPRNG coin flips
+        if not self.plan.secure_mode:
+            seed = derive_seed(run.sampler_seed, self.comm.rank) if self.comm.distributed else run.sampler_seed
+            generator = torch.Generator().manual_seed(seed)
+        sampler = poisson_sampler(len(data), self.plan.sample_rate, steps=self.plan.steps_per_epoch - run.in_epoch,
+                                  skip=run.sampler_draws, generator=generator, comm=self.comm)
         loader = poisson_loader(data, sampler, num_workers=self.num_workers)
         bar = tqdm(total=self.plan.steps_per_epoch, initial=run.in_epoch, desc=desc, disable=self.quiet, leave=False)
         block_end, block_cut = run.step, False
@@ -146,6 +151,8 @@ class EpochLoop:
                     if not stepped:
                         continue  # more physical batches of the same logical batch follow
                     run.advance(loss_sum, seen)
+                    if self.after_step is not None:
+                        self.after_step()
                     self._progress(bar, loss_sum, seen)
                     if run.step == block_end:
                         if block_cut:
@@ -159,12 +166,15 @@ class EpochLoop:
     def _reserve(self, run: RunState) -> tuple[int, bool]:
         """(steps granted for the next block, whether the budget cut it short); reserved before any runs."""
         want = min(self.block, self.plan.steps_per_epoch - run.in_epoch)  # blocks end at epoch ends
-        if self.ledger is None:
+        if self.plan.epsilon is None:
             return want, False
-        sigma, q = self.plan.noise_multiplier, self.plan.sample_rate
-        granted = self.ledger.affordable(sigma, q, want)
-        if granted:
-            self.ledger.reserve(sigma, q, granted)  # write-ahead: before any noise
+        granted = 0
+        if self.ledger is not None:  # the main rank decides and writes ahead, before any noise
+            sigma, q = self.plan.noise_multiplier, self.plan.sample_rate
+            granted = self.ledger.affordable(sigma, q, want)
+            if granted:
+                self.ledger.reserve(sigma, q, granted)
+        granted = self.comm.broadcast(granted)
         return granted, granted < want
 
     def _progress(self, bar: tqdm, loss_sum: float, seen: int) -> None:

@@ -96,7 +96,8 @@ class _SecureNoise:
     """
 
     def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
+        # Opacus' distributed optimizers have a rank: only rank 0 adds noise, before the all-reduce.
+        std = self.noise_multiplier * self.max_grad_norm if getattr(self, "rank", 0) == 0 else 0.0
         for p in self.params:
             _check_processed_flag(p.summed_grad)  # Opacus' guard against noising a sum twice
             p.grad = (p.summed_grad + secure_normal(std, p.summed_grad)).view_as(p)

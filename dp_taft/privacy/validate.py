@@ -18,8 +18,11 @@ import torch.nn as nn
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from torch.utils.data import DataLoader, Dataset
 
+from ..averaging import AVERAGING
 from ..losses import make_loss
+from ..schedules import SCHEDULES
 from ..tangent import UnsupportedModelError
+from .bookkeeping import BK_RULES, require_bk_layers, trainable_layers
 from .data import resolve_train_set
 
 __all__ = [
@@ -32,10 +35,11 @@ __all__ = [
     "check_delta",
     "require_trainable",
     "require_exact_layers",
+    "resolve_grad_sample_mode",
     "check_examples",
 ]
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "bk", "hooks", "ghost")
 
 
 def check_arguments(given: dict[str, Any], *, optimizers: tuple[str, ...], accountants: tuple[str, ...]) -> dict[str, Any]:
@@ -61,8 +65,11 @@ def check_arguments(given: dict[str, Any], *, optimizers: tuple[str, ...], accou
     for name in ("augment", "grad_sample_hook"):
         if given[name] is not None and not callable(given[name]):
             raise ValueError(f"{name} must be a callable or None, got {type(given[name]).__name__}")
-    if given["grad_sample_hook"] is not None and mode != "hooks":
+    if given["grad_sample_hook"] is not None and mode not in ("auto", "hooks"):
         raise ValueError(f"grad_sample_hook needs grad_sample_mode='hooks' (per-sample gradients), got {mode!r}")
+    if given["distributed"] not in (None, True, False):
+        raise ValueError(f"distributed must be None (automatic under torchrun), True or False, got {given['distributed']!r}")
+    _check_toolbox(given, mode)
     if given["stage"] is not None and not (isinstance(given["stage"], str) and given["stage"]):
         raise ValueError(f"stage must be a non-empty string label or None, got {given['stage']!r}")
     return {
@@ -80,6 +87,25 @@ def check_arguments(given: dict[str, Any], *, optimizers: tuple[str, ...], accou
         "physical_batch_size": given["physical_batch_size"],
         "delta": given["delta"],
     }
+
+
+def _check_toolbox(given: dict[str, Any], mode: str) -> None:
+    """The convex-toolbox options: LR schedule, clipping kind, iterate averaging."""
+    check_choice("lr_schedule", given["lr_schedule"], SCHEDULES)
+    warmup = check_real("warmup", given["warmup"], "fraction of the planned steps spent warming up", low_open=False)
+    if not warmup < 1:
+        raise ValueError(f"warmup must be in [0, 1) (fraction of the planned steps), got {warmup!r}")
+    check_choice("clipping", given["clipping"], ("flat", "automatic"))
+    check_real("clipping_gamma", given["clipping_gamma"], "stability constant γ of automatic clipping")
+    if given["clipping"] == "automatic" and mode not in ("auto", "hooks"):
+        raise ValueError(f"clipping='automatic' needs grad_sample_mode='hooks' (per-sample gradients), got {mode!r}")
+    if given["averaging"] is not None:
+        check_choice("averaging", given["averaging"], AVERAGING)
+    for name, meaning, closed in (("tail_fraction", "share of the planned steps averaged", True),
+                                  ("ema_decay", "EMA decay per step", False)):
+        value = check_real(name, given[name], meaning)
+        if not (value <= 1 if closed else value < 1):
+            raise ValueError(f"{name} must be in (0, 1{']' if closed else ')'} ({meaning}), got {value!r}")
 
 
 def _check_randomness(seed: object, secure_mode: object) -> None:
@@ -180,6 +206,20 @@ def require_trainable(model: nn.Module) -> list[nn.Parameter]:
             "dp_taft.methods.taft / nlft / linear_probe, or set requires_grad on the part to train."
         )
     return params
+
+
+def resolve_grad_sample_mode(model: nn.Module, mode: str, *, per_sample_needed: bool) -> str:
+    """The mode ``fit`` runs: "auto" is book-keeping where every trainable layer has a BK rule
+    (tangent models, and NLFT/probe built from Linear, LayerNorm and LayerScale) and nothing
+    needs the per-sample gradients themselves (a grad_sample_hook, automatic clipping);
+    else Opacus' hooks. Refuses a model the chosen mode cannot handle exactly."""
+    if mode == "auto":
+        mode = "hooks" if per_sample_needed or not all(type(m) in BK_RULES for _, m in trainable_layers(model)) else "bk"
+    if mode == "bk":
+        require_bk_layers(model)
+    else:
+        require_exact_layers(model, mode)
+    return mode
 
 
 def require_exact_layers(model: nn.Module, grad_sample_mode: str) -> None:

@@ -69,14 +69,15 @@ class TangentAttention(nn.Module):
             k, dk = self.k_norm(k, dk)
 
         attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
-        out = attn @ v
+        # O in the (B, N, H·D) layout the projection takes, and a (B, H, N, D) view of that
+        # same storage for the tangent: autograd saves O once, not once per layout.
+        out = (attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        out_heads = out.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         # Two matmuls rather than one on concatenations: autograd then saves only q and k,
         # which live on anyway, instead of two fresh (B, H, N, 2D) copies.
         d_scores = (dq @ k.transpose(-2, -1)).add_(q @ dk.transpose(-2, -1)).mul_(self.scale)
         a_ds = attn * d_scores
-        d_out = torch.addcmul(a_ds @ v + attn @ dv, a_ds.sum(-1, keepdim=True), out, value=-1.0)
-
-        out = out.transpose(1, 2).reshape(b, n, self.attn_dim)
+        d_out = torch.addcmul(a_ds @ v + attn @ dv, a_ds.sum(-1, keepdim=True), out_heads, value=-1.0)
         d_out = d_out.transpose(1, 2).reshape(b, n, self.attn_dim)
         if self.norm is not None:
             out, d_out = self.norm(out, d_out)

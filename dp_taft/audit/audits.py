@@ -1,0 +1,158 @@
+"""One-run audits through the real :func:`dp_taft.fit` path: :func:`audit_dirac`, :func:`audit_input`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, TensorDataset
+
+from ..train import FitResult, fit
+from .bounds import _check_bound, _check_confidence
+from .canaries import DiracCanaries, canary_image, loss_scores, quiet_coordinates, trainable_vector, with_canaries
+from .guesses import DEFAULT_FRACTIONS, best_guesses
+from .result import AuditResult
+
+__all__ = ["audit_dirac", "audit_input"]
+
+# fit arguments the audit sets itself: the data and batch come from the canary draw,
+# the hook from the canaries; a checkpointed or composed run would not be the run audited.
+_RESERVED = ("batch_size", "grad_sample_hook", "checkpoint_dir", "prior")
+# Independent streams derived from the audit's seed.
+_MEMBERSHIP, _COORDINATES, _TIES, _FIT = range(4)
+
+
+def audit_dirac(model: nn.Module, train_set: Dataset | None = None, *, m: int, epsilon: float | None, delta: float,
+                confidence: float = 0.95, bound: str = "steinke", sample_rate: float = 1.0,
+                max_grad_norm: float = 1.0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                seed: int | None = None, **fit_kwargs: Any) -> AuditResult:
+    """Audit one DP-SGD run with m white-box Dirac gradient canaries (as in Steinke et al. 2023's white-box audit).
+
+    Canary j is a dummy example (an all-zero image, label 0) included in the training set
+    with probability 1/2; whenever it is in a batch, the grad-sample hook replaces its
+    per-sample gradient by C·e_{k_j} before clipping (C = ``max_grad_norm``, k_j distinct
+    trainable coordinates, chosen where the real data's gradient is smallest). Score j =
+    −(w_T − w_0)[k_j]. Everything else is the ordinary :func:`dp_taft.fit`.
+
+    Args:
+        model: a fresh model from :mod:`dp_taft.methods`; TRAINED IN PLACE by the audit.
+        train_set: real training examples (may be None or small); fixed, not audited.
+        m: canaries, in [1, number of trainable parameters].
+        epsilon: the target ε of the audited run (calibrates σ), or None for a non-private run.
+        delta: δ in (0, 1) of the run and of the bound; fixed up front (not 1/(10N): N is random).
+        confidence: in (0, 1); bound: one of :data:`~dp_taft.audit.bounds.BOUNDS` ("gdp" only with
+            sample_rate 1, where the run is exactly μ-GDP).
+        sample_rate: Poisson rate q in (0, 1]; 1 (full batch) gives the tightest audit.
+        max_grad_norm: clipping norm C > 0, also the canary gradients' norm.
+        fractions: guessed shares r/m declared up front (see :func:`~dp_taft.audit.guesses.best_guesses`).
+        seed: None draws the canaries and the run's randomness secretly; an integer makes the audit reproducible.
+        fit_kwargs: any other :func:`dp_taft.fit` argument (epochs, lr, momentum, optimizer, physical_batch_size,
+            accountant, quiet, device, ...); ``grad_sample_mode`` must be "hooks".
+    """
+    started = time.perf_counter()
+    _check_common(confidence, bound, sample_rate, fit_kwargs)
+    streams = _streams(seed)
+    fit_seed, tie_seed = _seeds(seed, streams)
+    membership = streams[_MEMBERSHIP].integers(0, 2, size=_check_m(m)).astype(bool)
+    coordinates = quiet_coordinates(model, train_set, m, streams[_COORDINATES])
+    image = canary_image(model, train_set)
+    canaries = TensorDataset(image.expand(m, *image.shape).clone(), torch.zeros(m, dtype=torch.long))
+    hook = DiracCanaries(coordinates=coordinates, norm=float(max_grad_norm),
+                         first_row=0 if train_set is None else len(train_set), included=np.flatnonzero(membership),
+                         shapes=tuple(p.shape for p in model.parameters() if p.requires_grad))
+    before = trainable_vector(model)
+    run = _fit(model, with_canaries(train_set, canaries, membership), fit_seed, epsilon=epsilon, delta=delta,
+               sample_rate=sample_rate, max_grad_norm=max_grad_norm, grad_sample_hook=hook, **fit_kwargs)
+    scores = hook.scores(before, trainable_vector(model))
+    return _result("dirac", run, scores, membership, tie_seed, epsilon=epsilon, delta=delta, confidence=confidence,
+                   bound=bound, fractions=fractions, started=started)
+
+
+def audit_input(model: nn.Module, train_set: Dataset | None, canaries: Dataset, *, epsilon: float | None,
+                delta: float, confidence: float = 0.95, bound: str = "steinke", sample_rate: float = 1.0,
+                fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int | None = None,
+                **fit_kwargs: Any) -> AuditResult:
+    """Audit one run with input-space canaries (e.g. :func:`~dp_taft.audit.canaries.mislabeled`).
+
+    Each example of ``canaries`` (m of them, not in ``train_set``) joins the training set
+    with probability 1/2; after the ordinary :func:`dp_taft.fit` (no hook), score j is
+    −loss of the trained model on canary j. Arguments as in :func:`audit_dirac`; any
+    ``grad_sample_mode`` works. Black-box and end to end, but far weaker than Dirac canaries.
+    """
+    started = time.perf_counter()
+    _check_common(confidence, bound, sample_rate, fit_kwargs, hook_needed=False)
+    streams = _streams(seed)
+    fit_seed, tie_seed = _seeds(seed, streams)
+    membership = streams[_MEMBERSHIP].integers(0, 2, size=_check_m(len(canaries))).astype(bool)
+    run = _fit(model, with_canaries(train_set, canaries, membership), fit_seed, epsilon=epsilon, delta=delta,
+               sample_rate=sample_rate, **fit_kwargs)
+    return _result("input", run, loss_scores(model, canaries), membership, tie_seed, epsilon=epsilon, delta=delta,
+                   confidence=confidence, bound=bound, fractions=fractions, started=started)
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_common(confidence: float, bound: str, sample_rate: float, fit_kwargs: dict[str, Any], *,
+                  hook_needed: bool = True) -> None:
+    _check_confidence(confidence)
+    _check_bound(bound)
+    if not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1] (Poisson rate q; 1 = full batch), got {sample_rate!r}")
+    if bound == "gdp" and sample_rate != 1:
+        raise ValueError("bound='gdp' compares with the claim only for full-batch runs (sample_rate=1, exactly "
+                         f"μ-GDP); Poisson-subsampled DP-SGD (q={sample_rate}) is not Gaussian: use 'steinke' "
+                         "or 'fdp'")
+    reserved = sorted(set(fit_kwargs) & set(_RESERVED))
+    if reserved:
+        raise ValueError(f"the audit sets {reserved} itself: pass sample_rate instead of batch_size; a "
+                         "checkpointed or composed (prior) run is not the single run audited")
+    if hook_needed and fit_kwargs.get("grad_sample_mode", "hooks") != "hooks":
+        raise ValueError("Dirac canaries overwrite per-sample gradients, so they need grad_sample_mode='hooks', "
+                         f"got {fit_kwargs['grad_sample_mode']!r}")
+
+
+def _check_m(m: int) -> int:
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise ValueError(f"m must be a positive integer (number of canaries), got {m!r}")
+    return int(m)
+
+
+def _streams(seed: int | None) -> list[np.random.Generator]:
+    """Independent generators for membership, coordinates, tie-breaking and the run's seed."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None (secret randomness), got {seed!r}")
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
+
+
+def _seeds(seed: int | None, streams: list[np.random.Generator]) -> tuple[int | None, int]:
+    """(the run's seed: None keeps fit's secret randomness when the audit is unseeded; the tie-break seed)."""
+    fit_seed = None if seed is None else int(streams[_FIT].integers(0, 2**62))
+    return fit_seed, int(streams[_TIES].integers(0, 2**62))
+
+
+def _fit(model: nn.Module, data: Dataset, fit_seed: int | None, *, sample_rate: float, **fit_kwargs: Any) -> FitResult:
+    n = len(data)
+    if n == 0:
+        raise ValueError("no training example: no real data and no canary drawn in (raise m or pass a train_set)")
+    # q·N rounded: at q = 1 exactly the full batch, whatever N the membership draw gave.
+    batch_size = min(n, max(1, round(sample_rate * n)))
+    fit_kwargs.setdefault("quiet", True)
+    return fit(model, data, batch_size=batch_size, seed=fit_seed, **fit_kwargs)
+
+
+def _result(canary: str, run: FitResult, scores: np.ndarray, membership: np.ndarray, tie_seed: int, *,
+            epsilon: float | None, delta: float, confidence: float, bound: str, fractions: Sequence[float],
+            started: float) -> AuditResult:
+    best = best_guesses(scores, membership, delta=delta, confidence=confidence, bound=bound,
+                        fractions=fractions, tie_seed=tie_seed)
+    return AuditResult(
+        epsilon_lb=best.epsilon_lb, claimed_epsilon=None if run.report is None else float(run.report.epsilon),
+        target_epsilon=epsilon, delta=delta, confidence=confidence, bound=bound, canary=canary,
+        m=len(membership), included=int(membership.sum()), r=best.r, v=best.v, k_in=best.k_in, k_out=best.k_out,
+        fractions=tuple(fractions), noise_multiplier=run.noise_multiplier, sample_rate=run.sample_rate,
+        steps=run.steps, wall_time_s=time.perf_counter() - started, scores=tuple(float(s) for s in scores),
+        membership=tuple(bool(b) for b in membership), tie_seed=tie_seed,
+    )

@@ -1,0 +1,351 @@
+"""The frozen-prefix cache: every example's prefix output, computed once, in RAM or memory-mapped on disk.
+
+The store is N × T × D values (50,000 × 197 × 384 float32 ≈ 14 GiB for ViT-S/16 at 224), so it is
+written batch by batch into a preallocated tensor or file (no list + concatenation, which needs
+twice the store); held in RAM when it fits (below :data:`RAM_FRACTION` of the available memory),
+else memory-mapped from a file the OS pages in and out; optionally stored in 16 bits; and, under
+a named directory, kept for reuse under :func:`cache_key`, marked complete by a metadata file
+written atomically after the data (a crash mid-build is never reused).
+
+16-bit storage rounds each value: bfloat16 to 8 significant bits (relative error ≤ 2⁻⁸ ≈ 0.4 %),
+float16 to 11 (≤ 2⁻¹¹ ≈ 0.05 %; values beyond its range, |x| > 65504, are refused). Training
+then sees rounded activations and is no longer exactly the uncached run (float32 storage is);
+rounding is a fixed per-example map, so the privacy guarantee is unchanged.
+
+The cache holds features of the private data: protect or delete a ``cache_dir`` like the data
+itself (its files are created owner-only).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import _fsync_dir
+from .prefix_keys import FORMAT, cache_key
+
+__all__ = ["PrefixCache", "CacheSpec", "build_prefix_cache", "available_memory", "STORAGE_DTYPES", "RAM_FRACTION"]
+
+_LOG = logging.getLogger(__name__)
+#: Accepted ``cache_dtype`` names; None means float32 (exact).
+STORAGE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+#: "auto" keeps the cache in RAM only below this fraction of the available memory: training
+#: itself (per-sample gradients, activations) needs the rest.
+RAM_FRACTION = 0.5
+_GIB = 1 << 30
+#: numpy dtype of each storage dtype's bits (numpy has no bfloat16: its bits are read as uint16).
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+# --------------------------------------------------------------------------- arguments
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where and how to cache: ``mode`` "auto" | "ram" | "disk", ``directory`` (None: RAM or a
+    temporary directory deleted with the cache), ``dtype`` of the stored values."""
+
+    mode: str = "auto"
+    directory: Path | None = None
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def parse(cls, cache_prefix: bool | str, cache_dir: str | os.PathLike | None,
+              cache_dtype: str | torch.dtype | None) -> "CacheSpec | None":
+        """``fit``'s cache arguments checked; None when caching is off (``cache_prefix=False``)."""
+        modes = {True: "ram", "ram": "ram", "auto": "auto", "disk": "disk"}
+        if not (cache_prefix is False or (isinstance(cache_prefix, (bool, str)) and cache_prefix in modes)):
+            raise ValueError(f"cache_prefix must be 'auto' (default: RAM when it fits, else a memory-mapped file), "
+                             f"True or 'ram', 'disk', or False (no cache), got {cache_prefix!r}")
+        if not (cache_dir is None or isinstance(cache_dir, (str, os.PathLike))):
+            raise ValueError(f"cache_dir must be a directory path or None, got {type(cache_dir).__name__}")
+        known = isinstance(cache_dtype, (str, torch.dtype)) and (cache_dtype in STORAGE_DTYPES
+                                                                 or cache_dtype in STORAGE_DTYPES.values())
+        if not (cache_dtype is None or known):
+            raise ValueError(f"cache_dtype must be None (float32), one of {sorted(STORAGE_DTYPES)} or the torch "
+                             f"dtype, got {cache_dtype!r}")
+        if cache_prefix is False and (cache_dir is not None or cache_dtype is not None):
+            raise ValueError("cache_dir and cache_dtype configure the prefix cache, which cache_prefix=False "
+                             "turns off: drop them or use cache_prefix='auto'")
+        if cache_prefix is False:
+            return None
+        mode = modes[cache_prefix]
+        if mode == "ram" and cache_dir is not None:
+            raise ValueError("cache_prefix=True/'ram' keeps the cache in memory and never reads cache_dir: use "
+                             "cache_prefix='auto' or 'disk' to store it there (and reuse it)")
+        dtype = STORAGE_DTYPES.get(cache_dtype, cache_dtype) if cache_dtype is not None else torch.float32
+        return cls(mode, None if cache_dir is None else Path(cache_dir), dtype)
+
+
+# --------------------------------------------------------------------------- the dataset
+class PrefixCache(Dataset):
+    """Prefix outputs ``h`` (N, *shape) in their storage dtype and labels ``y`` (N,).
+
+    ``self[i]`` is ``(a float32 copy of h[i], y[i])``. ``path``: the memory-mapped file, or None when
+    ``h`` is in RAM. A mapped cache pickles as its path: DataLoader workers map it again.
+    """
+
+    def __init__(self, h: torch.Tensor, y: torch.Tensor, path: Path | None = None) -> None:
+        self.h, self.y, self.path = h, y, path
+
+    @classmethod
+    def mapped(cls, path: Path, y: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> "PrefixCache":
+        """The cache stored in ``path`` (raw values, C order), paged in on access.
+
+        The mapping is shared and read-only: a private writable one (``torch.from_file``'s
+        default) is charged to the process' memory commitment, which Linux refuses beyond
+        RAM size, the very case a file is for.
+        """
+        array = np.memmap(path, dtype=_NUMPY[dtype], mode="r", shape=(len(y), *shape))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            h = torch.from_numpy(array)
+        return cls(h.view(dtype), y, path)
+
+    @property
+    def nbytes(self) -> int:
+        return self.h.numel() * self.h.element_size()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.h[i].to(torch.float32, copy=True), self.y[i]  # a copy: a mapped store is read-only
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if self.path is None:
+            return PrefixCache, (self.h, self.y)
+        return PrefixCache.mapped, (self.path, self.y, tuple(self.h.shape[1:]), self.h.dtype)
+
+
+# --------------------------------------------------------------------------- memory
+def _read_words(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().split()
+    except OSError:
+        return []
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still fill (None when unknown): /proc/meminfo's MemAvailable,
+    lowered to the room left under a cgroup (v2 or v1) memory limit when one is set.
+
+    The cgroup usage counts the page cache too, so under a limit this errs low (the
+    cache then goes to disk earlier than needed, never into an out-of-memory kill).
+    """
+    meminfo = _read_words("/proc/meminfo")
+    found = [int(meminfo[i + 1]) * 1024 for i, w in enumerate(meminfo[:-1]) if w == "MemAvailable:"]
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
+        cap, used = _read_words(limit)[:1], _read_words(usage)[:1]
+        # cgroup v2 writes "no limit" as "max", v1 as about 2^63
+        if cap and used and cap[0].isdigit() and used[0].isdigit() and int(cap[0]) < 1 << 60:
+            found.append(max(0, int(cap[0]) - int(used[0])))
+    return min(found) if found else None
+
+
+def _choose(spec: CacheSpec, needed: int) -> tuple[bool, str]:
+    """(keep in RAM?, why, for the one-line report) for a cache of ``needed`` bytes."""
+    avail = available_memory()
+    room = "available memory unknown" if avail is None else f"{avail / _GIB:.1f} GiB available"
+    fits = avail is None or needed <= RAM_FRACTION * avail
+    share = f"{'within' if fits else 'over'} {RAM_FRACTION:.0%} of {room}"
+    if spec.mode == "ram":
+        return True, f"in RAM as asked (cache_prefix=True; {share})"
+    if spec.mode == "disk":
+        return False, f"memory-mapped file as asked (cache_prefix='disk'; {share})"
+    if spec.directory is not None:
+        paging = "the OS keeps it in its page cache" if fits else "pages are read from disk as needed"
+        return False, f"memory-mapped file kept for reuse ({share}: {paging})"
+    return fits, f"in RAM ({share})" if fits else f"memory-mapped file ({share})"
+
+
+# --------------------------------------------------------------------------- building
+Batch = tuple[int, torch.Tensor, torch.Tensor]  # (position of its first example, prefix outputs on CPU, labels)
+
+
+@torch.no_grad()
+def _prefix_batches(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, quiet: bool,
+                    desc: str) -> Iterator[Batch]:
+    start = 0
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc=f"caching prefix ({desc})",
+                     disable=quiet, leave=False):
+        h = model.prefix(x.to(device)).cpu()
+        yield start, h, torch.as_tensor(y)
+        start += len(h)
+
+
+def _to_storage(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    stored = h.to(dtype)
+    if dtype != h.dtype and not torch.isfinite(stored).all() and torch.isfinite(h).all():
+        raise ValueError(f"prefix outputs up to {float(h.abs().max()):.4g} overflow cache_dtype {dtype} (largest "
+                         f"finite {torch.finfo(dtype).max:.5g}): use cache_dtype='bf16' (float32's range) or None")
+    return stored
+
+
+def _fill(first: Batch, rest: Iterator[Batch], n: int, write: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+    """Hands every batch's outputs to ``write(start, h)``; returns the labels (N,)."""
+    y = torch.empty(n, dtype=first[2].dtype)
+    end = 0
+    for start, h, labels in itertools.chain([first], rest):
+        write(start, h)
+        y[start:start + len(h)] = labels
+        end = start + len(h)
+    if end != n:
+        raise RuntimeError(f"the data set yielded {end} examples, its len() is {n}")
+    return y
+
+
+def _in_ram(first: Batch, rest: Iterator[Batch], n: int, dtype: torch.dtype) -> PrefixCache:
+    h = torch.empty((n, *first[1].shape[1:]), dtype=dtype)
+
+    def write(start: int, batch: torch.Tensor) -> None:
+        h[start:start + len(batch)] = _to_storage(batch, dtype)
+
+    return PrefixCache(h, _fill(first, rest, n, write))
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _remove_stale_parts(directory: Path, key: str) -> None:
+    """Delete this host's partial files of ``key`` whose builder process is gone (killed mid-build)."""
+    host = socket.gethostname()
+    for part in directory.glob(f"{key}.{host}.*.part"):
+        pid = int(part.name.rsplit(".", 2)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _in_file(first: Batch, rest: Iterator[Batch], n: int, dtype: torch.dtype, directory: Path,
+             key: str) -> PrefixCache:
+    """Writes ``directory/key.bin`` (raw values, C order) through a partial file, then the
+    completion marker ``key.meta.pt`` (labels, shape, dtype), each atomically; maps the result."""
+    shape = tuple(first[1].shape[1:])
+    nbytes = n * math.prod(shape) * dtype.itemsize
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if nbytes > free:
+        raise OSError(f"the prefix cache needs {nbytes / _GIB:.2f} GiB and {directory} has {free / _GIB:.2f} GiB "
+                      "free: name a cache_dir on a larger disk (without one, set TMPDIR), or use cache_dtype='bf16'")
+    _remove_stale_parts(directory, key)
+    # Host and pid make concurrent builders (e.g. ranks sharing a file system) write apart.
+    part = directory / f"{key}.{socket.gethostname()}.{os.getpid()}.part"
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # features of private data: owner only
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, nbytes)  # a full disk fails here, not with SIGBUS or mid-build
+
+        def write(start: int, batch: torch.Tensor) -> None:
+            raw = _to_storage(batch, dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+            _pwrite_all(fd, memoryview(raw), start * (nbytes // n))
+
+        y = _fill(first, rest, n, write)
+        os.fsync(fd)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    data = directory / f"{key}.bin"
+    os.replace(part, data)
+    _fsync_dir(directory)  # the data's name is on disk before the marker that vouches for it
+    _save_marker({"format": FORMAT, "key": key, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
+                  "labels": y}, directory / f"{key}.meta.pt")
+    return PrefixCache.mapped(data, y, shape, dtype)
+
+
+def _save_marker(meta: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to an owner-only temporary file (the labels are private data), fsync, rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        torch.save(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _open_stored(directory: Path, key: str) -> PrefixCache | None:
+    """The complete cache ``key`` in ``directory``, or None (absent, unfinished or damaged)."""
+    data = directory / f"{key}.bin"
+    try:
+        meta = torch.load(directory / f"{key}.meta.pt", map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- no readable completion marker: build it again
+        return None
+    if not (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("key") == key):
+        return None
+    dtype, shape, y = STORAGE_DTYPES[meta["dtype"]], tuple(meta["shape"]), meta["labels"]
+    if not data.is_file() or data.stat().st_size != len(y) * math.prod(shape) * dtype.itemsize:
+        return None
+    return PrefixCache.mapped(data, y, shape, dtype)
+
+
+def _say(message: str, quiet: bool) -> None:
+    _LOG.info(message)
+    if not quiet:
+        tqdm.write(message)
+
+
+def build_prefix_cache(model: nn.Module, dataset: Dataset, spec: CacheSpec, *, batch_size: int,
+                       device: torch.device, quiet: bool, desc: str) -> PrefixCache:
+    """``model.prefix`` of every example of ``dataset`` (batches of ``batch_size`` on ``device``), stored per ``spec``.
+
+    With ``spec.directory``, a complete cache of the same :func:`cache_key` is reused
+    (no prefix computed) and a new one is kept there. One line (logger
+    ``dp_taft.privacy.prefix_cache``, and printed unless ``quiet``) says what was chosen and why.
+    """
+    key = None if spec.directory is None else cache_key(model, dataset, spec.dtype)
+    if key is not None:
+        found = _open_stored(spec.directory, key)
+        if found is not None:
+            _say(f"prefix cache ({desc}): reusing {found.path} ({found.nbytes / _GIB:.2f} GiB); no prefix computed",
+                 quiet)
+            return found
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"cannot cache the prefix of an empty data set ({desc})")
+    batches = _prefix_batches(model, dataset, batch_size, device, quiet, desc)
+    first = next(batches)
+    needed = n * first[1][0].numel() * spec.dtype.itemsize
+    in_ram, why = _choose(spec, needed)
+    size = f"{n} x {tuple(first[1].shape[1:])} {str(spec.dtype).removeprefix('torch.')}, {needed / _GIB:.2f} GiB"
+    if in_ram:
+        _say(f"prefix cache ({desc}): {size}, {why}", quiet)
+        return _in_ram(first, batches, n, spec.dtype)
+    if key is not None:
+        _say(f"prefix cache ({desc}): {size}, {why}, in {spec.directory}", quiet)
+        return _in_file(first, batches, n, spec.dtype, spec.directory, key)
+    tmp = Path(tempfile.mkdtemp(prefix="dp_taft_prefix_"))
+    _say(f"prefix cache ({desc}): {size}, {why}, in {tmp} (deleted after use; name a cache_dir to keep it)", quiet)
+    try:
+        cache = _in_file(first, batches, n, spec.dtype, tmp, "prefix")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weakref.finalize(cache, shutil.rmtree, tmp, True)  # the mapping itself stays valid until the tensor is freed
+    return cache

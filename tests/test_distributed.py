@@ -1,0 +1,134 @@
+"""Data-parallel DP-SGD under torchrun: 2 ranks on gloo, one model, the single-process guarantee.
+
+Each test launches tests/distributed_job.py with `python -m torch.distributed.run
+--standalone --nproc-per-node 2` (what `torchrun` runs), as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import accounting
+import pytest
+import torch
+
+import dp_taft
+from dp_taft.methods import taft
+from dp_taft.privacy.checkpoint import LEDGER_FILE, Ledger
+from distributed_job import NOISE, SHARDS, TRAIN, shard_task
+from fit_cases import easy_dataset, tiny_vit
+
+JOB = Path(__file__).with_name("distributed_job.py")
+
+
+def launch(out: Path, *args: str) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(JOB), *args, str(out)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def ranks(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def single_process(**kwargs) -> dp_taft.FitResult:
+    settings = {k: v for k, v in TRAIN.items() if k != "checkpoint_every"}
+    return dp_taft.fit(taft(tiny_vit(), 1), easy_dataset(400), eval_set=easy_dataset(150, seed=1), quiet=True,
+                       **{**settings, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    run = launch(out, "train")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def test_every_rank_ends_with_the_same_model(trained):
+    a, b = ranks(trained)
+    assert a["world"] == b["world"] == 2
+    assert a["trainable"].keys() == b["trainable"].keys()
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+
+
+def test_report_equals_the_single_process_report_for_the_same_plan(trained):
+    a, b = ranks(trained)
+    assert a["report"] == b["report"]
+    report = accounting.PrivacyReport.from_json(a["report"])
+    reference = single_process().report
+    assert report.history == reference.history  # same q, σ and T
+    assert report.epsilon == reference.epsilon <= TRAIN["epsilon"]
+    assert a["steps"] == report.steps == 3 * 10
+
+
+def test_accuracy_matches_the_single_process_run_within_noise(trained):
+    distributed = ranks(trained)[0]["accuracy"]
+    reference = single_process(seed=0).history[-1].eval_accuracy
+    # chance is 1/3; over 6 seeds of the single-process run, accuracy ranged 0.83-1.0
+    assert distributed >= 0.75 and reference >= 0.75
+    assert abs(distributed - reference) <= 0.2
+
+
+def test_noise_is_added_once_per_step(tmp_path):
+    """All per-sample gradients erased, q = 1, SGD lr 1, one step: Δw = −noise/(q·N), so
+    std(Δw)·q·N must be σ·C — not √2·σ·C (noise per rank) nor σ·C/√2 (noise split)."""
+    run = launch(tmp_path, "noise")
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = ranks(tmp_path)
+    before = {k: v for k, v in taft(tiny_vit(), 1).named_parameters() if v.requires_grad}
+    moved = torch.cat([(a["trainable"][k] - before[k].detach()).flatten() for k in before])
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in before)
+    sigma_c = a["noise_multiplier"] * NOISE["max_grad_norm"]
+    std = float(moved.std()) * NOISE["batch_size"]  # q·N = 96
+    assert moved.numel() > 3000  # relative sd of the estimate < 2%
+    assert std == pytest.approx(sigma_c, rel=0.08)
+
+
+def test_a_killed_rank_resumes_with_every_step_in_the_ledger(tmp_path):
+    crashed = launch(tmp_path, "train", "--count", "--die-after", "13")
+    assert crashed.returncode != 0 and not (tmp_path / "rank0.pt").exists()
+    executed_before = len((tmp_path / "executed.txt").read_text().splitlines())
+    ledger = Ledger(tmp_path / "ckpt" / LEDGER_FILE, method="pld", target_epsilon=TRAIN["epsilon"],
+                    delta=TRAIN["delta"])
+    assert 13 <= executed_before and ledger.steps >= 14  # step 14 was reserved before rank 1 died in it
+
+    resumed = launch(tmp_path, "train", "--count")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = ranks(tmp_path)
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+    report = accounting.PrivacyReport.from_json(a["report"])
+    executed = len((tmp_path / "executed.txt").read_text().splitlines())
+    ledger = Ledger(tmp_path / "ckpt" / LEDGER_FILE, method="pld", target_epsilon=TRAIN["epsilon"],
+                    delta=TRAIN["delta"])
+    assert report.steps == ledger.steps >= executed > executed_before  # every step that ran is counted
+    assert report.epsilon == pytest.approx(accounting.epsilon_of_history(ledger.history, TRAIN["delta"]), rel=1e-12)
+    assert report.epsilon <= TRAIN["epsilon"] and math.isfinite(report.epsilon)
+
+
+def test_shards_spread_over_the_ranks_equal_the_single_process_shards(tmp_path):
+    """Rank r trains shards s ≡ r (mod 2); every rank ends with all of them, bit-identical to
+    one process training every shard with the same seed, before and after a removal."""
+    from dp_taft.shards import fit_shards
+
+    run = launch(tmp_path, "shards")
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    model, data = shard_task()
+    reference = fit_shards(model, data, 3, ids=range(len(data)), seed=1, distributed=False, **SHARDS)
+    reference.forget([5])
+    for got in (a, b):
+        assert got["retrained"] == a["retrained"] and got["report"] == a["report"]
+        for mine, want in zip(got["deltas"], reference.models):
+            want = want.delta_state_dict()
+            assert all(torch.equal(mine[k], want[k]) for k in want)
+    assert "parallel composition" in a["report"]
+    shards_of = lambda rank: [s for s in range(3) if s % 2 == rank]  # noqa: E731
+    for rank, got in enumerate((a, b)):  # each rank trained only its own shards, once per round
+        assert got["fits"] == len(shards_of(rank)) + len(set(a["retrained"]) & set(shards_of(rank)))
