@@ -18,7 +18,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .averaging import IterateAverage
 from .losses import make_loss
+from .postprocessing import StepPostProcessing
 from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, load_checkpoint
 from .privacy.data import FromPrefix, Indexed, cache_prefix, resolve_train_set
 from .privacy.distributed import current as distributed_comm
@@ -38,9 +37,9 @@ from .privacy.distributed import local_device
 from .privacy.engine import GradSampleHook, PrivateEngine
 from .privacy.loop import EpochLoop, RunState
 from .privacy.plan import Plan, open_ledger
+from .privacy.randomness import NoiseStream
 from .privacy.prefix_cache import CacheSpec
 from .privacy.validate import check_arguments, check_data, require_trainable, resolve_grad_sample_mode
-from .schedules import make_scheduler
 
 __all__ = ["fit", "evaluate", "FitResult", "EpochRecord", "OPTIMIZERS", "ACCOUNTANTS"]
 
@@ -250,25 +249,25 @@ def fit(
     use_cache = cache_prefix and augment is None and hasattr(model, "prefix") and hasattr(model, "forward_from_prefix")
     train_data, eval_data, module = _training_view(model, dataset, eval_set, use_cache, physical, device, quiet,
                                                    (cache_prefix, cache_dir, cache_dtype))
-    noise_rng = None if secure_mode else torch.Generator(device=device)
+    noise = NoiseStream(device, secure_mode)
     engine = PrivateEngine.build(
         model, module, OPTIMIZERS[optimizer](params, args["lr"], args["momentum"], args["weight_decay"]),
         args["criterion"], grad_sample_mode=grad_sample_mode, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=None if plan.epsilon is None else plan.max_grad_norm,
-        expected_batch_size=sample_rate * len(dataset), noise_rng=noise_rng, hook=grad_sample_hook, comm=comm,
+        expected_batch_size=sample_rate * len(dataset), noise=noise, hook=grad_sample_hook, comm=comm,
         normalize=(plan.max_grad_norm, clipping_gamma) if clipping == "automatic" else None,
     )
-    post = _PostProcessing.build(engine, params, plan, lr_schedule, warmup, averaging, tail_fraction, ema_decay)
+    post = StepPostProcessing.build(engine, params, plan, lr_schedule, warmup, averaging, tail_fraction, ema_decay)
     if state is not None:
         _load_trainable(model, state["trainable"])
         engine.optimizer.load_state_dict(state["optimizer"])
         post.load_state_dict(state.get("post"))
-    run.seed_generators(noise_rng, state, augment is not None)
+    run.seed_generators(noise, state, augment is not None)
     history = [EpochRecord(**r) for r in (state["history"] if state else [])]
 
     def save() -> None:
         if ckpt_dir is not None and comm.main:
-            atomic_save(_checkpoint(plan, run, model, engine, noise_rng, history, ledger, post), ckpt_dir / CHECKPOINT_FILE)
+            atomic_save(_checkpoint(plan, run, model, engine, noise, history, ledger, post), ckpt_dir / CHECKPOINT_FILE)
 
     # ---- 4. the epoch loop
     loop = EpochLoop(engine, plan, ledger, comm, block=args["checkpoint_every"], physical=physical, device=device,
@@ -288,7 +287,7 @@ def fit(
                 run.next_epoch()
             save()
     post.finish()
-    report = None if ledger is None else _report(plan, ledger, run, prior_stages, stage)
+    report = None if ledger is None else plan.report(ledger, run.step, prior_stages, stage)
     report, history = comm.broadcast((report, history))  # every rank returns rank 0's ledger-based view
     if stopped:
         warnings.warn(
@@ -337,36 +336,8 @@ def _epoch_record(run: RunState, module: nn.Module, eval_data: Dataset | None, c
     )
 
 
-def _report(plan: Plan, ledger: Any, run: RunState, prior_stages: tuple[str, ...],
-            stage: str | None) -> accounting.PrivacyReport:
-    """The report of every reserved step, this run's segments merged and labelled by stage."""
-    own = _merged(ledger.entries[len(plan.prior):])
-    history = (*plan.prior, *own)
-    stages: tuple[str, ...] = ()
-    if stage is not None or plan.prior:
-        stages = (*(prior_stages or ("prior",) * len(plan.prior)), *((stage or "fit",) * len(own)))
-    return accounting.PrivacyReport.from_history(
-        history, plan.delta, method=plan.accountant, dataset_size=plan.dataset_size,
-        max_grad_norm=plan.max_grad_norm, target_epsilon=plan.epsilon, stages=stages,
-        notes=(f"dp_taft.fit: {ledger.steps} steps reserved in the write-ahead ledger (every step that may have "
-               f"drawn noise, those of runs interrupted by a crash included); the released weights result from "
-               f"{run.step} of this run's steps"),
-    )
-
-
-def _merged(entries: Sequence[accounting.Segment]) -> list[accounting.Segment]:
-    """Consecutive segments with equal (σ, q) joined into one."""
-    out: list[accounting.Segment] = []
-    for s in entries:
-        if out and (out[-1].noise_multiplier, out[-1].sample_rate) == (s.noise_multiplier, s.sample_rate):
-            out[-1] = accounting.Segment(s.noise_multiplier, s.sample_rate, out[-1].steps + s.steps)
-        else:
-            out.append(s)
-    return out
-
-
-def _checkpoint(plan: Plan, run: RunState, model: nn.Module, engine: PrivateEngine, noise_rng: torch.Generator | None,
-                history: list[EpochRecord], ledger: Any, post: "_PostProcessing") -> dict[str, Any]:
+def _checkpoint(plan: Plan, run: RunState, model: nn.Module, engine: PrivateEngine, noise: NoiseStream,
+                history: list[EpochRecord], ledger: Any, post: "StepPostProcessing") -> dict[str, Any]:
     """Everything a resume needs. Private: it holds the run's secret seed and generator states."""
     return {
         "plan": plan.to_dict(),
@@ -374,51 +345,11 @@ def _checkpoint(plan: Plan, run: RunState, model: nn.Module, engine: PrivateEngi
         "ledger_steps": ledger.steps if ledger is not None else None,
         "trainable": {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad},
         "optimizer": engine.optimizer.state_dict(),
-        "noise_rng": None if noise_rng is None else noise_rng.get_state(),
+        "noise_rng": noise.state(),
         "torch_rng": torch.get_rng_state(),
         "history": [asdict(r) for r in history],
         "post": post.state_dict(),
     }
-
-
-@dataclass
-class _PostProcessing:
-    """What happens to the released iterates after each step: the LR schedule, iterate averaging."""
-
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    average: IterateAverage | None
-
-    @classmethod
-    def build(cls, engine: PrivateEngine, params: list[nn.Parameter], plan: Plan, schedule: str, warmup: float,
-              averaging: str | None, tail_fraction: float, ema_decay: float) -> "_PostProcessing":
-        scheduler = make_scheduler(engine.optimizer.original_optimizer, plan.planned_steps, schedule, warmup)
-        average = None if averaging is None else IterateAverage(
-            params, averaging, plan.planned_steps, tail_fraction=tail_fraction, ema_decay=ema_decay)
-        return cls(scheduler, average)
-
-    def after_step(self) -> None:
-        self.scheduler.step()
-        if self.average is not None:
-            self.average.update()
-
-    def evaluated(self) -> Any:
-        """Context in which the model holds what :meth:`finish` will return."""
-        return nullcontext() if self.average is None else self.average.applied()
-
-    def finish(self) -> None:
-        if self.average is not None:
-            self.average.apply()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict(),
-                "average": None if self.average is None else self.average.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state is None:  # a checkpoint from before schedules and averaging: constant lr, no average
-            return
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.average is not None and state["average"] is not None:
-            self.average.load_state_dict(state["average"])
 
 
 def _load_trainable(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:

@@ -190,9 +190,11 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
                            steps=";".join(str(sum(s.steps for s in r.history)) for r in report.per_shard))
             else:
                 row.update(epsilon=math.inf, per_shard_epsilon=";".join(["inf"] * n_shards))
-            removed = ids[random.Random(f"forget:{run.seed}").randrange(n)]  # fixed per seed across shard counts
-            forgot = shards.forget([removed])
-            row.update(removed_id=removed, retrained_shard=";".join(map(str, forgot.retrained_shards)),
+            position = random.Random(f"forget:{run.seed}").randrange(n)  # fixed per seed across shard counts
+            forgot = shards.forget([ids[position]])
+            # The position, not the id: a content id is an unsalted hash of a private example,
+            # which anyone holding a candidate image could test for membership.
+            row.update(removed_id=position, retrained_shard=";".join(map(str, forgot.retrained_shards)),
                        removal_wall_time_s=round(forgot.wall_time_s, 3),
                        full_retrain_time_s=round(forgot.full_retrain_time_s, 3), speedup=forgot.speedup,
                        accuracy_after_removal=accuracy(shards.composed, task.test, device), status="ok", error="")

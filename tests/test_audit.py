@@ -6,7 +6,6 @@ import math
 
 import accounting
 import numpy as np
-import opacus.optimizers.optimizer as opacus_optimizer
 import pytest
 import torch
 from scipy import special, stats
@@ -23,6 +22,7 @@ from dp_taft.audit import (
 )
 from dp_taft.audit.bounds import fdp_rejects
 from dp_taft.audit.canaries import trainable_vector
+from dp_taft.privacy.randomness import NoiseStream
 from dp_taft.methods import nlft, taft
 from fit_cases import easy_dataset, tiny_vit
 
@@ -208,12 +208,12 @@ def test_without_noise_the_audit_exceeds_what_the_private_run_claims():
 
 def test_noise_twenty_times_too_small_is_caught(monkeypatch):
     """A bug that draws σ/20 while the report still claims the calibrated ε is refuted."""
-    draw = opacus_optimizer._generate_noise
+    draw = NoiseStream.normal
 
-    def too_little(std, reference, generator=None, secure_mode=False):
-        return draw(std / 20, reference, generator, secure_mode)
+    def too_little(self, std, reference):
+        return draw(self, std / 20, reference)
 
-    monkeypatch.setattr(opacus_optimizer, "_generate_noise", too_little)
+    monkeypatch.setattr(NoiseStream, "normal", too_little)
     result = _audit("nlft", 2.0, seed=6)
     assert result.refutes_claim and result.epsilon_lb > result.claimed_epsilon
     assert "REFUTED" in result.statement()

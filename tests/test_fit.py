@@ -12,6 +12,7 @@ from opacus.data_loader import DPDataLoader
 from scipy import stats
 
 import dp_taft
+from dp_taft.privacy.randomness import NoiseStream
 from dp_taft.methods import linear_probe, nlft, taft
 from fit_cases import easy_dataset, tiny_vit, trainable_state
 
@@ -24,7 +25,7 @@ def private_run():
     """TAFT-1, epsilon=3, 2 epochs of 6 steps, recording what Opacus clipped and the noise it drew."""
     clipped, noise = [], []
     clip = opacus_optimizer.DPOptimizer.clip_and_accumulate
-    draw = opacus_optimizer._generate_noise
+    draw = NoiseStream.normal
 
     def recording_clip(self):
         per_sample = [g.reshape(len(g), -1) for g in self.grad_samples]
@@ -33,8 +34,8 @@ def private_run():
         added = torch.cat([(p.summed_grad - b).reshape(-1) for p, b in zip(self.params, before)])
         clipped.append((torch.cat(per_sample, dim=1), added, self.max_grad_norm))
 
-    def recording_noise(std, reference, generator=None, secure_mode=False):
-        z = draw(std, reference, generator, secure_mode)
+    def recording_noise(self, std, reference):
+        z = draw(self, std, reference)
         noise.append((std, z.reshape(-1).clone()))
         return z
 
@@ -42,7 +43,7 @@ def private_run():
     before = trainable_state(model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(opacus_optimizer.DPOptimizer, "clip_and_accumulate", recording_clip)
-        mp.setattr(opacus_optimizer, "_generate_noise", recording_noise)
+        mp.setattr(NoiseStream, "normal", recording_noise)
         # lr = 0: the run spends budget and draws noise but must not move the weights;
         # C = 0.05 is far below the per-sample gradient norms, so clipping is active.
         result = dp_taft.fit(model, TRAIN, epsilon=3.0, delta=DELTA, epochs=2, batch_size=16, max_grad_norm=0.05,

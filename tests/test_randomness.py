@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -12,7 +13,7 @@ from scipy import stats
 import dp_taft
 from dp_taft.methods import linear_probe, taft
 from dp_taft.privacy.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from dp_taft.privacy.randomness import SecurePoissonSampler, csprng_uniform, secure_normal, secure_optimizer_class
+from dp_taft.privacy.randomness import NoiseStream, PoissonSampler, csprng_uniform, noise_optimizer_class, secure_normal
 from fit_cases import easy_dataset, tiny_vit, trainable_state
 
 DATA = easy_dataset(96)
@@ -31,6 +32,7 @@ def test_secret_seed_stays_in_the_private_checkpoint_and_resumes_exactly(tmp_pat
     first = dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=1, checkpoint_dir=tmp_path, **kwargs)
     seed = load_checkpoint(tmp_path / CHECKPOINT_FILE)["run"]["seed"]
     assert isinstance(seed, int) and seed >= 0 and first.report is None
+    assert (tmp_path / CHECKPOINT_FILE).stat().st_mode & 0o777 == 0o600  # the key is readable by its owner only
     resumed = dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=2, checkpoint_dir=tmp_path, **kwargs)
     replay = dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=2, seed=seed, **kwargs)
     got, want = trainable_state(resumed.model), trainable_state(replay.model)
@@ -65,14 +67,17 @@ def test_secure_noise_is_gaussian_with_the_requested_std(std):
     assert secure_normal(0.0, torch.ones(3)).eq(0).all()
 
 
-def test_secure_optimizer_adds_noise_of_std_sigma_times_c():
-    """The DP optimizer's noise in secure mode: p.grad = clipped sum + N(0, (σC)²), then / E[B]."""
+@pytest.mark.parametrize("secure", [True, False], ids=["secure", "keyed"])
+def test_optimizer_adds_noise_of_std_sigma_times_c(secure):
+    """The DP optimizer's noise from a stream: p.grad = clipped sum + N(0, (σC)²), then / E[B]."""
     from opacus.optimizers import DPOptimizer
 
     p = torch.nn.Parameter(torch.zeros(100_000))
     sigma, clip, batch = 1.3, 0.5, 4.0
-    opt = secure_optimizer_class(DPOptimizer)(torch.optim.SGD([p], lr=1.0), noise_multiplier=sigma,
-                                              max_grad_norm=clip, expected_batch_size=batch)
+    opt = noise_optimizer_class(DPOptimizer)(torch.optim.SGD([p], lr=1.0), noise_multiplier=sigma,
+                                             max_grad_norm=clip, expected_batch_size=batch)
+    opt.noise_stream = NoiseStream(torch.device("cpu"), secure)
+    opt.noise_stream.seed(12345)
     p.grad_sample = torch.zeros(2, 100_000)  # two examples with zero gradient
     opt.step()
     update = -p.detach()  # SGD with lr 1 from 0: the noised, averaged gradient
@@ -80,12 +85,39 @@ def test_secure_optimizer_adds_noise_of_std_sigma_times_c():
 
 
 def test_secure_poisson_sampler_includes_each_example_with_probability_q():
-    sampler = SecurePoissonSampler(num_samples=1000, sample_rate=0.1, steps=200)
+    sampler = PoissonSampler(torch.arange(1000), num_samples=1000, sample_rate=0.1, steps=200, rng=None)
     sizes = [len(b) for b in sampler]
     assert len(sizes) == 200 and all(0 <= s <= 1000 for s in sizes)
     assert sum(sizes) / 200 == pytest.approx(100, rel=0.03)  # sd of the mean: 9.5/sqrt(200) = 0.67
     u = csprng_uniform(100_000).numpy()
     assert 0 <= u.min() and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-4
+
+
+def test_every_bit_of_the_run_key_changes_noise_and_batches():
+    """torch's CPU generator keeps 32 bits of a seed; the keyed streams must use all of them."""
+    def draws(key):
+        noise = NoiseStream(torch.device("cpu"), secure=False)
+        noise.seed(key, 0, 0)
+        sampler = PoissonSampler(torch.arange(500), num_samples=500, sample_rate=0.2, steps=3,
+                                 rng=np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([key, 1, 0]))))
+        return noise.normal(1.0, torch.empty(64)), list(sampler)
+
+    base = 12345
+    for other in (base + 2**32, base + 2**64, base + 2**100):
+        (z0, b0), (z1, b1) = draws(base), draws(other)
+        assert not torch.equal(z0, z1) and b0 != b1
+
+
+def test_secret_key_is_128_bits_and_a_resumed_private_run_stays_in_budget(tmp_path):
+    """Private, seedless, resumed from its checkpoint with more epochs: the checkpoint keeps a
+    128-bit key and the budget guard stops the resumed run at the target."""
+    kwargs = dict(epsilon=2.0, delta=1e-3, batch_size=16, lr=0.1, quiet=True)
+    dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=1, checkpoint_dir=tmp_path, **kwargs)
+    key = load_checkpoint(tmp_path / CHECKPOINT_FILE)["run"]["seed"]
+    assert key.bit_length() > 64  # a 128-bit key, not a 32- or 64-bit seed
+    with pytest.warns(UserWarning, match="privacy budget"):  # the plan was for 1 epoch; the guard stops it
+        resumed = dp_taft.fit(linear_probe(tiny_vit()), DATA, epochs=3, checkpoint_dir=tmp_path, **kwargs)
+    assert resumed.report.epsilon <= 2.0 and resumed.steps >= 6
 
 
 def test_grad_sample_hook_sees_each_row_with_its_dataset_position():

@@ -16,13 +16,13 @@ from typing import Any
 import accounting
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "Ledger", "CHECKPOINT_FILE", "LEDGER_FILE"]
+__all__ = ["atomic_save", "fsync_dir", "load_checkpoint", "Ledger", "CHECKPOINT_FILE", "LEDGER_FILE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGER_FILE = "ledger.jsonl"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename is durable only once the directory entry itself is on disk.
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -32,17 +32,19 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename over ``path``.
+    """``torch.save`` to an owner-only (0600) temporary file, fsync, then rename over ``path``.
 
-    A crash leaves either the old or the new file, never a torn one.
+    A crash leaves either the old or the new file, never a torn one. Owner-only because
+    checkpoints hold the run's secret key and generator states (and prefix-cache markers
+    hold private labels): anyone who reads them can replay the noise.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

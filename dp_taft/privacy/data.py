@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
 
+import numpy as np
 import torch
 import torch.nn as nn
 from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .distributed import Comm, DistributedPoissonSampler
+from .distributed import Comm
 from .prefix_cache import CacheSpec, PrefixCache, build_prefix_cache
-from .randomness import SecurePoissonSampler
+from .randomness import PoissonSampler
 
 __all__ = ["resolve_train_set", "Indexed", "poisson_sampler", "poisson_loader", "cache_prefix", "FromPrefix"]
 
@@ -53,30 +53,18 @@ class Indexed(Dataset):
         return x, y, torch.tensor(i, dtype=torch.int64)
 
 
-def poisson_sampler(n: int, sample_rate: float, *, steps: int, skip: int, generator: torch.Generator | None,
-                    comm: Comm = Comm()) -> UniformWithReplacementSampler:
-    """Opacus-style Poisson batch sampler over ``n`` examples yielding ``steps`` batches, each
-    example included with probability ``sample_rate`` (in a distributed run, this rank's
-    part of each batch: :class:`~dp_taft.privacy.distributed.DistributedPoissonSampler`).
+def poisson_sampler(n: int, sample_rate: float, *, steps: int, skip: int, rng: np.random.Generator | None,
+                    comm: Comm = Comm()) -> PoissonSampler:
+    """Poisson batch sampler over ``n`` examples yielding ``steps`` batches, each example
+    included with probability ``sample_rate``; in a distributed run, this rank's part of
+    each batch (positions rank, rank + world, ...: the union over ranks is the whole batch).
 
-    ``generator`` None: secure mode, coin flips from the OS CSPRNG (nothing to skip or
-    replay). Otherwise the first ``skip`` batch draws of ``generator`` are discarded first:
-    replaying only the coin flips (no data is loaded), so a resumed epoch sees exactly the
-    batches the interrupted one would have seen next.
+    ``rng`` None: secure mode, coin flips from the OS CSPRNG (nothing to skip or replay).
+    Otherwise the keyed generator skips the first ``skip`` batches' coin flips (no data is
+    loaded), so a resumed epoch sees exactly the batches the interrupted one would have seen next.
     """
-
-    def make(count: int) -> UniformWithReplacementSampler:
-        if comm.distributed:
-            return DistributedPoissonSampler(num_samples=n, sample_rate=sample_rate, steps=count, comm=comm,
-                                             generator=generator)
-        if generator is None:
-            return SecurePoissonSampler(num_samples=n, sample_rate=sample_rate, steps=count)
-        return UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=count)
-
-    if generator is not None:
-        for _ in itertools.islice(make(skip), skip):
-            pass
-    return make(steps)
+    positions = torch.arange(comm.rank, n, comm.world)
+    return PoissonSampler(positions, num_samples=n, sample_rate=sample_rate, steps=steps, rng=rng, skip=skip)
 
 
 def poisson_loader(dataset: Dataset, sampler: UniformWithReplacementSampler, *, num_workers: int) -> DataLoader:

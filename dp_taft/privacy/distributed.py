@@ -8,12 +8,12 @@ the Gaussian noise on rank 0 only and all-reduces the sum, so each step carries 
 std σ·C exactly once. Rank 0 alone writes the ledger and checkpoints; reservation grants,
 the run's state and the final report are broadcast from it.
 
-Poisson sampling across ranks: example i belongs to rank ``i mod world`` and each rank
-includes each of its examples independently with probability q, so the union over ranks
-is a Poisson(q) sample of the whole data set, as accounted. Unlike Opacus'
-``DistributedUniformWithReplacementSampler``, which skips a rank's empty batch (and so
-desynchronises the ranks' steps and reveals emptiness), :class:`DistributedPoissonSampler`
-yields every batch, empty or not.
+Poisson sampling across ranks (:func:`dp_taft.privacy.data.poisson_sampler`): example i
+belongs to rank ``i mod world`` and each rank includes each of its examples independently
+with probability q, so the union over ranks is a Poisson(q) sample of the whole data set,
+as accounted. Unlike Opacus' ``DistributedUniformWithReplacementSampler``, which skips a
+rank's empty batch (and so desynchronises the ranks' steps and reveals emptiness), every
+batch is yielded, empty or not.
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from .randomness import csprng_uniform
-
-__all__ = ["Comm", "current", "DistributedPoissonSampler"]
+__all__ = ["Comm", "current", "local_device"]
 
 T = TypeVar("T")
 
@@ -81,6 +78,8 @@ def current(device: torch.device, enabled: bool | None) -> Comm:
             if enabled:
                 raise ValueError("distributed=True needs torchrun (WORLD_SIZE > 1) or an initialised process group")
             return Comm()
+        if device.type == "cuda":  # NCCL's object collectives use the current device: this rank's GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Comm(dist.get_rank(), dist.get_world_size())
 
@@ -90,22 +89,3 @@ def local_device(device: torch.device, comm: Comm) -> torch.device:
     if comm.distributed and device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
-
-
-class DistributedPoissonSampler(UniformWithReplacementSampler):
-    """This rank's part of each Poisson batch: its examples are positions ``rank, rank + world, ...``,
-    each included with probability ``sample_rate``; ``steps`` batches, empty ones included.
-
-    ``generator`` None draws the coin flips from the OS CSPRNG (secure mode).
-    """
-
-    def __init__(self, *, num_samples: int, sample_rate: float, steps: int, comm: Comm,
-                 generator: torch.Generator | None) -> None:
-        super().__init__(num_samples=num_samples, sample_rate=sample_rate, generator=generator, steps=steps)
-        self.positions = torch.arange(comm.rank, num_samples, comm.world)
-
-    def __iter__(self):
-        n = len(self.positions)
-        for _ in range(self.steps):
-            u = csprng_uniform(n) if self.generator is None else torch.rand(n, generator=self.generator)
-            yield self.positions[u < self.sample_rate].tolist()

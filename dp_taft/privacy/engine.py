@@ -21,7 +21,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from ..tangent import per_sample_gradients_only
 from .bookkeeping import make_bk_module
 from .distributed import Comm
-from .randomness import secure_optimizer_class
+from .randomness import NoiseStream, noise_optimizer_class
 
 __all__ = ["GradSampleHook", "PrivateEngine", "NO_CLIP"]
 
@@ -55,12 +55,12 @@ class PrivateEngine:
     @classmethod
     def build(cls, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
               grad_sample_mode: str, noise_multiplier: float, max_grad_norm: float | None, expected_batch_size: float,
-              noise_rng: torch.Generator | None, hook: GradSampleHook | None, comm: Comm,
+              noise: NoiseStream, hook: GradSampleHook | None, comm: Comm,
               normalize: tuple[float, float] | None = None) -> "PrivateEngine":
         """Wrap ``module`` (``model`` or a view of it that shares its parameters) for DP-SGD.
 
-        ``max_grad_norm`` None: non-private (no clipping, σ must be 0). ``noise_rng`` None
-        selects secure mode: noise from the OS CSPRNG (:mod:`dp_taft.privacy.randomness`).
+        ``max_grad_norm`` None: non-private (no clipping, σ must be 0). ``noise``: where the
+        Gaussian noise comes from (:class:`~dp_taft.privacy.randomness.NoiseStream`).
         ``expected_batch_size``: q·N of the whole logical batch. In a distributed run
         (``comm``) the module is wrapped in Opacus' DPDDP (rank 0's weights broadcast) and
         Opacus' distributed optimizer noises on rank 0 and averages over the ranks.
@@ -77,12 +77,13 @@ class PrivateEngine:
                                  **({"max_grad_norm": clip} if ghost else {}))
         base = get_optimizer_class(clipping="flat", distributed=comm.distributed,
                                    grad_sample_mode="ghost" if bk else grad_sample_mode)
-        opt_class = secure_optimizer_class(base) if noise_rng is None else base
+        opt_class = base if noise.kind == "cuda" else noise_optimizer_class(base)
         # Each rank divides its (noised on rank 0) sum by its share of q·N, and the all-reduce
         # averages over ranks: together, (Σ clipped gradients + one noise draw) / (q·N).
         dp_opt = opt_class(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip,
                            expected_batch_size=expected_batch_size / comm.world, loss_reduction="mean",
-                           generator=noise_rng)
+                           generator=noise.generator)
+        dp_opt.noise_stream = noise
         loss_fn = DPLossFastGradientClipping(gsm, dp_opt, criterion, "mean") if ghost else criterion
         engine = cls(model, gsm, dp_opt, loss_fn, ghost, hook, normalize)
         dp_opt.attach_step_hook(engine._count)  # Opacus calls it after each noised step

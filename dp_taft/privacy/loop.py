@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import Dataset
@@ -18,7 +19,7 @@ from .data import poisson_loader, poisson_sampler
 from .distributed import Comm
 from .engine import PrivateEngine
 from .plan import Plan
-from .randomness import derive_seed, secret_seed
+from .randomness import NoiseStream, derive_seed, keyed_generator, secret_seed
 
 __all__ = ["RunState", "EpochLoop"]
 
@@ -44,8 +45,7 @@ class RunState:
     epoch: int
     in_epoch: int  # steps executed in the current epoch
     stream: int
-    sampler_seed: int
-    sampler_draws: int  # batches drawn from the current sampler generator
+    sampler_draws: int  # batches drawn from the current epoch's sampler generator
     partial_loss: tuple[float, int]  # (sum of losses, examples) so far this epoch
     fresh_stream: bool  # noise/augment generators must be seeded, not restored
 
@@ -53,7 +53,7 @@ class RunState:
     def start(cls, seed: int | None, ledger: Ledger | None) -> "RunState":
         seed = secret_seed() if seed is None else seed
         stream = ledger.reservations if ledger is not None else 0  # > 0: a crash before the first checkpoint
-        return cls(seed, 0, 0, 0, stream, derive_seed(seed, _SAMPLER, stream, 0), 0, (0.0, 0), True)
+        return cls(seed, 0, 0, 0, stream, 0, (0.0, 0), True)
 
     @classmethod
     def resume(cls, state: dict[str, Any], ledger: Ledger | None, seed: int | None) -> "RunState":
@@ -64,27 +64,28 @@ class RunState:
         run.fresh_stream = ledger is not None and ledger.steps != state["ledger_steps"]
         if run.fresh_stream:
             run.stream = ledger.reservations
-            run.sampler_seed = derive_seed(run.seed, _SAMPLER, run.stream, run.epoch)
             run.sampler_draws = 0
         return run
 
-    def seed_generators(self, noise_rng: torch.Generator | None, state: dict[str, Any] | None, augment: bool) -> None:
-        """Seed (fresh stream) or restore (clean resume) the noise and augmentation generators.
+    def seed_generators(self, noise: NoiseStream, state: dict[str, Any] | None, augment: bool) -> None:
+        """Key (fresh stream) or restore (clean resume) the noise stream, and seed augmentation.
 
-        ``noise_rng`` None: secure mode, whose noise needs no generator; augmentation then
-        draws from a secret seed.
+        Secure mode keys nothing: its noise comes from the OS CSPRNG. Augmentation uses
+        torch's global generator, which keeps 32 bits of a seed; the guarantee does not rely
+        on its secrecy (DP-SGD is private for any fixed augmentation).
         """
-        if noise_rng is None:
-            if augment:
-                torch.manual_seed(secret_seed())
-        elif self.fresh_stream:
-            noise_rng.manual_seed(derive_seed(self.seed, _NOISE, self.stream))
+        if self.fresh_stream or noise.kind == "secure":
+            noise.seed(self.seed, _NOISE, self.stream)
             if augment:
                 torch.manual_seed(derive_seed(self.seed, _AUGMENT, self.stream))
         else:
-            noise_rng.set_state(state["noise_rng"])
+            noise.load_state(state["noise_rng"])
             if augment:
                 torch.set_rng_state(state["torch_rng"])
+
+    def sampler_rng(self, comm: Comm, secure: bool) -> np.random.Generator | None:
+        """This epoch's keyed coin-flip generator (per rank); None in secure mode (CSPRNG)."""
+        return None if secure else keyed_generator(self.seed, _SAMPLER, self.stream, self.epoch, comm.rank)
 
     def advance(self, loss_sum: float, seen: int) -> None:
         self.step += 1
@@ -95,7 +96,6 @@ class RunState:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.in_epoch = 0
-        self.sampler_seed = derive_seed(self.seed, _SAMPLER, self.stream, self.epoch)
         self.sampler_draws = 0
         self.partial_loss = (0.0, 0)
 
@@ -125,12 +125,9 @@ class EpochLoop:
         """Train until the epoch ends; True when the budget guard stopped training."""
         self.engine.gsm.train()  # the previous epoch's evaluation left it in eval mode
         loss_sum, seen = run.partial_loss
-        generator = None  # secure mode: CSPRNG coin flips
-        if not self.plan.secure_mode:
-            seed = derive_seed(run.sampler_seed, self.comm.rank) if self.comm.distributed else run.sampler_seed
-            generator = torch.Generator().manual_seed(seed)
         sampler = poisson_sampler(len(data), self.plan.sample_rate, steps=self.plan.steps_per_epoch - run.in_epoch,
-                                  skip=run.sampler_draws, generator=generator, comm=self.comm)
+                                  skip=run.sampler_draws, rng=run.sampler_rng(self.comm, self.plan.secure_mode),
+                                  comm=self.comm)
         loader = poisson_loader(data, sampler, num_workers=self.num_workers)
         bar = tqdm(total=self.plan.steps_per_epoch, initial=run.in_epoch, desc=desc, disable=self.quiet, leave=False)
         block_end, block_cut = run.step, False

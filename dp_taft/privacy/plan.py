@@ -11,6 +11,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import accounting
@@ -72,6 +73,23 @@ class Plan:
             )
         return dataclasses.replace(self, noise_multiplier=saved["noise_multiplier"])
 
+    def report(self, ledger: Ledger, executed: int, prior_stages: tuple[str, ...],
+               stage: str | None) -> accounting.PrivacyReport:
+        """The report of every step in ``ledger``, this run's segments merged and labelled by
+        ``stage`` (after ``prior_stages``); ``executed``: steps behind the released weights."""
+        own = _merged(ledger.entries[len(self.prior):])
+        history = (*self.prior, *own)
+        stages: tuple[str, ...] = ()
+        if stage is not None or self.prior:
+            stages = (*(prior_stages or ("prior",) * len(self.prior)), *((stage or "fit",) * len(own)))
+        return accounting.PrivacyReport.from_history(
+            history, self.delta, method=self.accountant, dataset_size=self.dataset_size,
+            max_grad_norm=self.max_grad_norm, target_epsilon=self.epsilon, stages=stages,
+            notes=(f"dp_taft.fit: {ledger.steps} steps reserved in the write-ahead ledger (every step that may have "
+                   f"drawn noise, those of runs interrupted by a crash included); the released weights result from "
+                   f"{executed} of this run's steps"),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as saved in checkpoints."""
         d = dataclasses.asdict(self)
@@ -120,3 +138,14 @@ def open_ledger(plan: Plan, ckpt_dir: Path | None, saved_ledger_steps: int | Non
     if not plan.prior and accounting.epsilon(sigma, q, steps, plan.delta, method=plan.accountant) <= plan.epsilon:
         ledger.vouch(sigma, q, steps)
     return ledger
+
+
+def _merged(entries: Sequence[accounting.Segment]) -> list[accounting.Segment]:
+    """Consecutive segments with equal (σ, q) joined into one."""
+    out: list[accounting.Segment] = []
+    for s in entries:
+        if out and (out[-1].noise_multiplier, out[-1].sample_rate) == (s.noise_multiplier, s.sample_rate):
+            out[-1] = accounting.Segment(s.noise_multiplier, s.sample_rate, out[-1].steps + s.steps)
+        else:
+            out.append(s)
+    return out

@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import _fsync_dir
+from .checkpoint import fsync_dir, atomic_save
 from .prefix_keys import FORMAT, cache_key
 
 __all__ = ["PrefixCache", "CacheSpec", "build_prefix_cache", "available_memory", "STORAGE_DTYPES", "RAM_FRACTION"]
@@ -273,21 +273,10 @@ def _in_file(first: Batch, rest: Iterator[Batch], n: int, dtype: torch.dtype, di
         os.close(fd)
     data = directory / f"{key}.bin"
     os.replace(part, data)
-    _fsync_dir(directory)  # the data's name is on disk before the marker that vouches for it
-    _save_marker({"format": FORMAT, "key": key, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
+    fsync_dir(directory)  # the data's name is on disk before the marker that vouches for it
+    atomic_save({"format": FORMAT, "key": key, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
                   "labels": y}, directory / f"{key}.meta.pt")
     return PrefixCache.mapped(data, y, shape, dtype)
-
-
-def _save_marker(meta: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to an owner-only temporary file (the labels are private data), fsync, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        torch.save(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _open_stored(directory: Path, key: str) -> PrefixCache | None:

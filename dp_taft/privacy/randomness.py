@@ -3,8 +3,12 @@
 The guarantee of DP-SGD holds only while its noise and its Poisson batches are unknown
 to the adversary. A run whose seed is published (a default in the code, a README, a
 config file) can be replayed on two candidate data sets and told apart with certainty.
-So, by default, every stream is seeded from the operating system's CSPRNG
-(:func:`secret_seed`) and the seed is kept only in the run's private checkpoint.
+So, by default, the run's key is 128 bits from the operating system's CSPRNG
+(:func:`secret_seed`), kept only in the run's private checkpoint, and every stream is a
+generator keyed with all of it: numpy's PCG64DXSM through ``SeedSequence`` (128-bit state)
+for the Poisson coin flips and, on CPU, the noise. torch's CPU generator is never seeded
+with it: MT19937's ``manual_seed`` keeps only 32 bits, few enough to search. On CUDA the
+noise comes from torch's Philox generator, whose seed is a full 64 bits.
 
 ``secure_mode`` goes further, as Opacus' ``secure_mode`` does: the Gaussian noise and the
 Poisson coin flips are drawn from the OS CSPRNG itself (``os.urandom``), never from a
@@ -26,8 +30,8 @@ import torch
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-__all__ = ["secret_seed", "derive_seed", "csprng_uniform", "secure_normal", "SecurePoissonSampler",
-           "secure_optimizer_class"]
+__all__ = ["secret_seed", "derive_seed", "keyed_generator", "csprng_uniform", "secure_normal", "NoiseStream",
+           "PoissonSampler", "noise_optimizer_class"]
 
 #: Gaussian draws summed per noise coordinate in secure mode (Holohan and Braghin 2021, n = 2).
 SECURE_DRAWS = 4
@@ -35,14 +39,20 @@ _MANTISSA = 53  # float64 mantissa bits: uniforms are k / 2^53 with k uniform in
 
 
 def secret_seed() -> int:
-    """A 63-bit seed from the OS CSPRNG: unpredictable, so never reproducible from outside."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
+    """A 128-bit key from the OS CSPRNG: unpredictable, so never reproducible from outside."""
+    return int.from_bytes(os.urandom(16), "little")
 
 
 def derive_seed(seed: int, *keys: int) -> int:
-    """Independent 64-bit seed per (seed, stream id, ...), so that streams never overlap."""
+    """Independent 64-bit seed per (seed, stream id, ...), so that streams never overlap
+    (for generators that take 64 bits: torch's CUDA Philox, a sub-run's explicit seed)."""
     low, high = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
     return int(low) | int(high) << 32
+
+
+def keyed_generator(seed: int, *keys: int) -> np.random.Generator:
+    """PCG64DXSM keyed with every bit of ``seed`` and the stream ``keys`` (SeedSequence mixing)."""
+    return np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([seed, *keys])))
 
 
 def csprng_uniform(n: int) -> torch.Tensor:
@@ -71,40 +81,92 @@ def secure_normal(std: float, reference: torch.Tensor) -> torch.Tensor:
     return noise.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
 
 
-class SecurePoissonSampler(UniformWithReplacementSampler):
-    """Opacus' Poisson batch sampler with its coin flips drawn from the OS CSPRNG.
+class PoissonSampler(UniformWithReplacementSampler):
+    """Poisson batches over ``positions``: each included independently with probability
+    ``sample_rate`` at each of ``steps`` batches, empty batches included.
 
-    Each of ``steps`` batches holds every index independently with probability
-    ``sample_rate``; nothing about the draws can be replayed, not even by the trainer.
+    ``rng`` None draws the coin flips from the OS CSPRNG (secure mode, never replayable);
+    otherwise from the keyed generator ``rng``, first advanced past ``skip`` batches so a
+    resumed epoch sees exactly the batches the interrupted one would have seen next.
     """
 
-    def __init__(self, *, num_samples: int, sample_rate: float, steps: int) -> None:
+    def __init__(self, positions: torch.Tensor, *, num_samples: int, sample_rate: float, steps: int,
+                 rng: np.random.Generator | None, skip: int = 0) -> None:
         super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
+        self.positions = positions
+        self.rng = rng
+        if rng is not None:
+            rng.bit_generator.advance(skip * len(positions))  # one 64-bit draw per uniform
 
     def __iter__(self):
+        n = len(self.positions)
         for _ in range(self.steps):
-            mask = csprng_uniform(self.num_samples) < self.sample_rate
-            yield mask.nonzero(as_tuple=False).reshape(-1).tolist()
+            u = csprng_uniform(n) if self.rng is None else torch.from_numpy(self.rng.random(n))
+            yield self.positions[u < self.sample_rate].tolist()
 
 
-class _SecureNoise:
-    """Mixin for an Opacus DP optimizer: its Gaussian noise comes from :func:`secure_normal`.
+class NoiseStream:
+    """Where one run's Gaussian noise comes from.
 
-    Replaces Opacus' ``add_noise`` (which draws from a ``torch.Generator``, a seeded
-    pseudo-random generator) with the same computation on CSPRNG noise: p.grad =
-    summed clipped gradient + N(0, (σ·C)²).
+    ``"secure"``: the OS CSPRNG (:func:`secure_normal`); ``"keyed"`` (CPU): the keyed
+    PCG64DXSM generator of (run key, stream); ``"cuda"``: torch's Philox generator on the
+    device, seeded with 64 bits. :meth:`state` / :meth:`load_state` make a clean resume exact.
     """
+
+    def __init__(self, device: torch.device, secure: bool) -> None:
+        self.kind = "secure" if secure else ("cuda" if device.type == "cuda" else "keyed")
+        self.generator = torch.Generator(device=device) if self.kind == "cuda" else None
+        self.rng: np.random.Generator | None = None
+
+    def seed(self, seed: int, *keys: int) -> None:
+        if self.kind == "cuda":
+            self.generator.manual_seed(derive_seed(seed, *keys))
+        elif self.kind == "keyed":
+            self.rng = keyed_generator(seed, *keys)
+
+    def state(self) -> object:
+        if self.kind == "cuda":
+            return self.generator.get_state()
+        return None if self.rng is None else self.rng.bit_generator.state
+
+    def load_state(self, state: object) -> None:
+        """Restore :meth:`state`. A state of another kind (a checkpoint from another device or
+        version) starts a fresh stream under a new secret key: never a replay of released noise."""
+        if self.kind == "cuda" and torch.is_tensor(state):
+            self.generator.set_state(state)
+        elif self.kind == "keyed" and isinstance(state, dict) and state.get("bit_generator") == "PCG64DXSM":
+            self.rng = np.random.Generator(np.random.PCG64DXSM())
+            self.rng.bit_generator.state = state
+        else:
+            self.seed(secret_seed())
+
+    def normal(self, std: float, reference: torch.Tensor) -> torch.Tensor:
+        """N(0, std²) noise of ``reference``'s shape, dtype and device (secure and keyed kinds)."""
+        if self.kind == "secure" or std == 0:
+            return secure_normal(std, reference)
+        noise = torch.from_numpy(self.rng.standard_normal(reference.numel())).mul_(std)
+        return noise.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
+
+
+class _StreamNoise:
+    """Mixin for an Opacus DP optimizer: its Gaussian noise comes from ``self.noise_stream``.
+
+    Replaces Opacus' ``add_noise`` (which draws from a ``torch.Generator``) with the same
+    computation on the stream's noise: p.grad = summed clipped gradient + N(0, (σ·C)²).
+    """
+
+    noise_stream: NoiseStream
 
     def add_noise(self) -> None:
         # Opacus' distributed optimizers have a rank: only rank 0 adds noise, before the all-reduce.
         std = self.noise_multiplier * self.max_grad_norm if getattr(self, "rank", 0) == 0 else 0.0
         for p in self.params:
             _check_processed_flag(p.summed_grad)  # Opacus' guard against noising a sum twice
-            p.grad = (p.summed_grad + secure_normal(std, p.summed_grad)).view_as(p)
+            p.grad = (p.summed_grad + self.noise_stream.normal(std, p.summed_grad)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
 @functools.cache
-def secure_optimizer_class(base: type) -> type:
-    """``base`` (an Opacus DP optimizer class) with CSPRNG noise; one class per base."""
-    return type(f"Secure{base.__name__}", (_SecureNoise, base), {})
+def noise_optimizer_class(base: type) -> type:
+    """``base`` (an Opacus DP optimizer class) drawing its noise from a :class:`NoiseStream`."""
+    return type(f"Streamed{base.__name__}", (_StreamNoise, base), {})
