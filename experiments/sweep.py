@@ -69,6 +69,8 @@ SWEEP_KEYS = frozenset({
 HPARAM_KEYS = frozenset({
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_grad_norm", "loss", "kappa",
     "physical_batch_size", "grad_sample_mode", *HEAD_KEYS,
+    # fit's convex toolbox; unset means fit's defaults (constant lr, flat clipping, no averaging)
+    "lr_schedule", "warmup", "clipping", "clipping_gamma", "averaging", "tail_fraction", "ema_decay",
 })
 #: results.csv schema, one row per run attempt (the last row of a run_id is the one that counts).
 COLUMNS = (

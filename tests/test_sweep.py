@@ -92,6 +92,8 @@ def test_config_errors(tmp_path):
     assert hp["fc"]["loss"] == "square" and nonpriv["nlft"]["lr"] == 0.25 and hp["nlft"]["lr"] != 0.25
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         sweep.apply_sets(hp, ["taft.lrr=1"])
+    sweep.apply_sets(hp, ["taft.averaging=ema", "taft.lr_schedule=cosine", "taft.warmup=0.1"])  # fit's toolbox
+    assert hp["taft"]["averaging"] == "ema" and hp["taft"]["warmup"] == 0.1 and "averaging" not in hp["nlft"]
 
 
 # --------------------------------------------------------------------------- end to end
