@@ -38,7 +38,7 @@ def ranks(out: Path) -> list[dict]:
 
 
 def single_process(**kwargs) -> dp_taft.FitResult:
-    settings = {k: v for k, v in TRAIN.items() if k != "checkpoint_every"}
+    settings = {k: v for k, v in TRAIN.items() if k not in ("checkpoint_every", "seed")}
     return dp_taft.fit(taft(tiny_vit(), 1), easy_dataset(400), eval_set=easy_dataset(150, seed=1), quiet=True,
                        **{**settings, **kwargs})
 

@@ -111,7 +111,7 @@ def test_noise_has_the_calibrated_standard_deviation(private_run):
 def test_methods_learn_the_easy_task_non_privately(build, lr):
     model = build(tiny_vit())
     result = dp_taft.fit(model, TRAIN, epsilon=None, epochs=3, batch_size=16, optimizer="adam", lr=lr,
-                         eval_set=TEST, quiet=True)
+                         eval_set=TEST, quiet=True, seed=0)  # a fixed draw: the threshold is not a coin flip
     assert result.report is None and result.noise_multiplier == 0.0
     assert result.model is model
     # Chance is 1/3; by chance alone P(>= 36 of 60 correct) < 1e-5.
