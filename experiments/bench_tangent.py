@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_leaves
 import dp_taft
 from dp_taft import methods
 from dp_taft.privacy.bookkeeping import make_bk_module
+from dp_taft.privacy.randomness import NoiseStream, noise_optimizer_class, secret_seed
 from dp_taft.privacy.data import FromPrefix
 
 K = 2
@@ -109,10 +110,15 @@ def bk_step(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> Callable[[], 
     """One DP-SGD step with book-keeping clipping, as fit would run it (grad_sample_mode="bk")."""
     wrapped = make_bk_module(FromPrefix(model), CLIP)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode="ghost")(
+    # The noise as fit draws it: a keyed PCG64DXSM stream on CPU, torch's Philox on CUDA.
+    noise = NoiseStream(h.device, secure=False)
+    noise.seed(secret_seed())
+    base = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode="ghost")
+    opt = (base if noise.kind == "cuda" else noise_optimizer_class(base))(
         torch.optim.SGD(params, lr=0.01), noise_multiplier=NOISE, max_grad_norm=CLIP,
-        expected_batch_size=len(h), loss_reduction="mean",
+        expected_batch_size=len(h), loss_reduction="mean", generator=noise.generator,
     )
+    opt.noise_stream = noise
     criterion = nn.CrossEntropyLoss()
 
     def step() -> None:
