@@ -236,8 +236,8 @@ def require_exact_layers(model: nn.Module, grad_sample_mode: str) -> None:
     bad = [
         f"'{name or '<the model itself>'}' ({type(m).__module__}.{type(m).__qualname__}, owning "
         f"{', '.join(n for n, p in m.named_parameters(recurse=False) if p.requires_grad)})"
-        for name, m in model.named_modules()
-        if any(p.requires_grad for p in m.parameters(recurse=False)) and type(m) not in known
+        for name, m in trainable_layers(model)
+        if type(m) not in known
     ]
     if bad:
         raise UnsupportedModelError(
