@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
+from ..privacy.validate import check_int, check_real
 from ..train import FitResult, fit
 from .bounds import _check_bound, _check_confidence
 from .canaries import DiracCanaries, canary_image, loss_scores, quiet_coordinates, trainable_vector, with_canaries
@@ -99,7 +100,7 @@ def _check_common(confidence: float, bound: str, sample_rate: float, fit_kwargs:
                   hook_needed: bool = True) -> None:
     _check_confidence(confidence)
     _check_bound(bound)
-    if not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool) and 0 < sample_rate <= 1):
+    if not check_real("sample_rate", sample_rate, "Poisson rate q in (0, 1]; 1 = full batch") <= 1:
         raise ValueError(f"sample_rate must be in (0, 1] (Poisson rate q; 1 = full batch), got {sample_rate!r}")
     if bound == "gdp" and sample_rate != 1:
         raise ValueError("bound='gdp' compares with the claim only for full-batch runs (sample_rate=1, exactly "
@@ -115,15 +116,13 @@ def _check_common(confidence: float, bound: str, sample_rate: float, fit_kwargs:
 
 
 def _check_m(m: int) -> int:
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise ValueError(f"m must be a positive integer (number of canaries), got {m!r}")
-    return int(m)
+    return check_int("m", m, "number of canaries", low=1)
 
 
 def _streams(seed: int | None) -> list[np.random.Generator]:
     """Independent generators for membership, coordinates, tie-breaking and the run's seed."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be a non-negative integer or None (secret randomness), got {seed!r}")
+    if seed is not None:
+        check_int("seed", seed, "audit seed; None keeps the randomness secret", low=0)
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
 
 
