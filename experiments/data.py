@@ -44,6 +44,7 @@ __all__ = [
     "load_image_dataset",
     "model_normalisation",
     "read_idx",
+    "select_classes",
 ]
 
 DEFAULT_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -212,6 +213,21 @@ def default_task(private_train_size: int | None = 10_000, seed: int = 0, root: s
         class_names=tuple(FMNIST_CLASS_NAMES[c] for c in PRIVATE_CLASSES),
         public_class_names=tuple(FMNIST_CLASS_NAMES[c] for c in PUBLIC_CLASSES),
     )
+
+
+def select_classes(dataset: TensorDataset, classes: Sequence[int]) -> TensorDataset:
+    """The examples of ``dataset`` (image, label) whose label is in ``classes``, relabelled
+    by position in ``classes`` (``classes[i]`` becomes i), in data set order."""
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be a non-empty list of distinct labels, got {list(classes)!r}")
+    images, labels = dataset.tensors
+    keep = torch.isin(labels, torch.tensor(list(classes)))
+    if not bool(keep.any()):
+        raise ValueError(f"no example has a label in {list(classes)}")
+    renumbered = torch.zeros_like(labels)
+    for i, c in enumerate(classes):
+        renumbered[labels == c] = i
+    return TensorDataset(images[keep], renumbered[keep])
 
 
 def default_model(num_classes: int = 5) -> VisionTransformer:

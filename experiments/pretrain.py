@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.models import VisionTransformer
 from torch.utils.data import TensorDataset
 
-from experiments.data import default_model, default_task
+from experiments.data import default_model, default_task, select_classes
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -97,19 +97,26 @@ def pretrain(
     weight_decay: float = 0.05,
     label_smoothing: float = 0.1,
     threads: int | None = None,
+    classes: Sequence[int] | None = None,
     log: Callable[[str], None] = _log,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """Train ``default_model(5)`` on the public training images; return (state dict, public test accuracy).
+    """Train ``default_model`` on the public training images; return (state dict, public test accuracy).
 
     ``max_train`` / ``max_test`` (>= 1) keep only the first that many public
     training / test images (for quick checks); ``None`` uses all 30,000 /
     5,000. ``threads`` (>= 1) sets torch's intra-op thread count for the run;
     use 1 on a busy machine, where more threads than free cores slow training
     down several-fold. Leaves torch's global RNG, thread count and
-    deterministic-algorithms setting as they were.
+    deterministic-algorithms setting as they were. ``classes`` (public labels, a subset
+    of 0-4; default all) pretrains on those classes only, with a ``len(classes)``-way
+    head and labels renumbered 0.. in the given order; ``experiments.tune`` uses it to
+    build a public proxy of the private task (a backbone that never saw the proxy's classes).
     """
     task = default_task(private_train_size=1)  # the private subset is irrelevant here
-    images, labels = task.public_train.tensors
+    train, test = task.public_train, task.public_test
+    if classes is not None:
+        train, test = select_classes(train, classes), select_classes(test, classes)
+    images, labels = train.tensors
     if max_train is not None:
         images, labels = images[:max_train], labels[:max_train]
     n = len(labels)
@@ -122,7 +129,7 @@ def pretrain(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = default_model(task.num_classes)
+            model = default_model(len(classes) if classes is not None else task.num_classes)
             gen = torch.Generator().manual_seed(seed)
             # No weight decay on biases, norms, position embedding and class token (standard for ViTs).
             decay = [p for p in model.parameters() if p.ndim >= 2 and p.shape[0] != 1]
@@ -152,7 +159,7 @@ def pretrain(
                     loss_sum += float(loss.detach()) * len(idx)
                 log(f"epoch {epoch + 1}/{epochs}  train loss {loss_sum / n:.4f}  "
                     f"elapsed {time.perf_counter() - start:.0f} s")
-            acc = evaluate(model, TensorDataset(*(t[:max_test] for t in task.public_test.tensors)))
+            acc = evaluate(model, TensorDataset(*(t[:max_test] for t in test.tensors)))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
@@ -236,9 +243,12 @@ def main(argv: Sequence[str] | None = None) -> float:
     parser.add_argument("--max-test", type=int, default=None, help="evaluate on the first N public test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="pretrain on these public classes only (subset of 0-4; default all)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    state, acc = pretrain(args.epochs, args.max_train, max_test=args.max_test, seed=args.seed, threads=args.threads)
+    state, acc = pretrain(args.epochs, args.max_train, max_test=args.max_test, seed=args.seed, threads=args.threads,
+                          classes=args.classes)
     _save_atomic(state, args.out)
     print(f"public test accuracy {acc:.4f}  ({time.perf_counter() - start:.0f} s)")
     print(f"saved {args.out}  sha256 {sha256_file(args.out)}  {args.out.stat().st_size} bytes")

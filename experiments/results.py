@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Difference",
     "Stats",
     "aggregate",
     "append_row",
     "format_number",
     "latest",
     "markdown_table",
+    "paired_differences",
     "plot_curves",
     "read_rows",
     "to_float",
@@ -180,6 +182,54 @@ def aggregate(
         else:
             values[k].append(v)
     return {k: Stats.of(values[k], failed[k]) for k in values}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Mean of paired differences a − b over ``n`` pairs and its two-sided 95% Student-t interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, diffs: Sequence[float]) -> "Difference":
+        from scipy import stats
+
+        s = Stats.of(diffs)
+        if s.n < 2:
+            return cls(s.mean, math.nan, math.nan, s.n)
+        half = float(stats.t.ppf(0.975, s.n - 1)) * s.std / math.sqrt(s.n)
+        return cls(s.mean, s.mean - half, s.mean + half, s.n)
+
+    def text(self, scale: float = 1.0, digits: int = 1) -> str:
+        """"m [lo, hi] (n=…)" times ``scale``; "—" without pairs, no interval for one pair."""
+        if self.n == 0:
+            return "—"
+        if self.n == 1:
+            return f"{self.mean * scale:+.{digits}f} (n=1)"
+        return (f"{self.mean * scale:+.{digits}f} [{self.low * scale:+.{digits}f}, {self.high * scale:+.{digits}f}] "
+                f"(n={self.n})")
+
+
+def paired_differences(rows: Iterable[Row], a: str, b: str, *, group: str, by: str, pair: str,
+                       value: str) -> dict[str, Difference]:
+    """{``by`` value: :class:`Difference` of ``value`` between groups ``a`` and ``b``}, pairing rows by ``pair``.
+
+    Only pairs where both rows succeeded count (a failure is not a zero), so n says how many.
+    """
+    cells: dict[tuple[str, str, str], float] = {}
+    for r in rows:
+        v = to_float(r.get(value)) if _is_ok(r) else math.nan
+        if r[group] in (a, b) and not math.isnan(v):
+            cells[(r[group], r[by], r[pair])] = v
+    keys = sorted({(k[1], k[2]) for k in cells}, key=lambda k: (_sort_key(k[0]), _sort_key(k[1])))
+    diffs: dict[str, list[float]] = {}
+    for at, p in keys:
+        if (a, at, p) in cells and (b, at, p) in cells:
+            diffs.setdefault(at, []).append(cells[(a, at, p)] - cells[(b, at, p)])
+    return {at: Difference.of(d) for at, d in diffs.items()}
 
 
 def _sort_key(s: str) -> tuple[int, float, str]:

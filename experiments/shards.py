@@ -42,7 +42,6 @@ import math
 import random
 import sys
 import time
-import tomllib
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -58,6 +57,7 @@ from dp_taft.shards import ShardAssignment, ShardPrivacyReport, content_ids, fit
 from dp_taft.train import evaluate
 from experiments import results as res
 from experiments import sweep as sw
+from experiments.config import read_profiled
 
 __all__ = ["COLUMNS", "DEFAULT_CONFIG", "load_config", "main", "write_outputs"]
 
@@ -82,15 +82,7 @@ def load_config(path: str | Path, profile: str, sweep_config: str | Path = sw.DE
     ``settings`` holds the shard keys and the data/privacy keys inherited from
     ``sweep_config``'s profile ``sweep_profile``.
     """
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
-    bad = set(cfg) - {"shards", "profiles"}
-    if bad:
-        raise ValueError(f"{path}: unknown table(s) {sorted(bad)}; expected [shards], [profiles.*]")
-    profiles = cfg.get("profiles", {})
-    if profile not in profiles:
-        raise ValueError(f"{path}: no profile {profile!r}; profiles: {sorted(profiles)}")
-    prof = dict(profiles[profile])
+    cfg, prof = read_profiled(path, ("shards",), profile)
     prof_hp = prof.pop("hparams", {})
     settings = dict(cfg.get("shards", {}))
     for where, table in ((f"{path} [shards]", settings), (f"{path} [profiles.{profile}]", prof)):

@@ -2,7 +2,9 @@
 
 ``python -m experiments.sweep`` runs the default grid (see ``experiments/sweep.toml``) on
 the offline default task (Fashion-MNIST classes 5-9 fine-tuned from a ViT pretrained on
-classes 0-4) and writes, in ``--out`` (default ``results/<timestamp>/``):
+classes 0-4), each method with the settings ``python -m experiments.tune`` chose for it on
+a public proxy (``experiments/tuned.toml``), and writes, in ``--out`` (default
+``results/<timestamp>/``):
 
 * ``results.csv``: one row per run (see :data:`COLUMNS`), appended and fsynced as each
   run ends; rerunning with the same ``--out`` skips finished runs (failed ones too,
@@ -11,7 +13,8 @@ classes 0-4) and writes, in ``--out`` (default ``results/<timestamp>/``):
   the steps of the killed attempt;
 * ``reports/<run_id>.json``: the run's :class:`accounting.PrivacyReport` (private runs);
 * ``runs/<run_id>.json``: hyperparameters, per-epoch history, warnings, error traceback;
-* ``summary.md``: mean ± std test accuracy (%) over seeds, rows methods, columns ε;
+* ``summary.md``: mean ± std test accuracy (%) over seeds, rows methods, columns ε, and
+  TAFT-k − NLFT-k paired by seed with 95% t intervals;
 * ``prefix_cache/``: each distinct frozen-prefix output (train and test), computed once and
   mapped by every run that shares it (``--no-prefix-reuse``: none). It holds features of
   the private data: delete it, with ``checkpoints/``, when the sweep is done;
@@ -53,6 +56,7 @@ from dp_taft import FitResult, fit, methods
 from dp_taft.head_first import fit_head_first
 from dp_taft.privacy.checkpoint import CHECKPOINT_FILE
 from experiments import results as res
+from experiments.config import read_profiled
 
 __all__ = ["COLUMNS", "DEFAULT_CONFIG", "Run", "Task", "load_config", "main", "plan_runs", "write_outputs"]
 
@@ -64,7 +68,7 @@ DATASETS = ("default", "cifar10", "cifar100", "fashion-mnist")
 NUM_CLASSES = {"default": 5, "cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
 SWEEP_KEYS = frozenset({
     "methods", "blocks", "epsilons", "seeds", "delta", "accountant", "private_train_size", "test_size", "data_seed",
-    "reproducible",
+    "reproducible", "tuned",
 })
 HPARAM_KEYS = frozenset({
     "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_grad_norm", "loss", "kappa",
@@ -101,33 +105,51 @@ def _split(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str,
     return shared, per
 
 
+def _load_tuned(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """({method: hyperparameters}, {method: non-private overrides}) of a file written by experiments.tune."""
+    try:
+        with open(path, "rb") as f:
+            cfg = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"tuned settings {path} not found: run `python -m experiments.tune --write {path}`, "
+                         'or set tuned = "" in the sweep config for the untuned [hparams]') from None
+    if set(cfg) - {"hparams", "nonprivate"}:
+        raise ValueError(f"{path}: unknown table(s) {sorted(set(cfg) - {'hparams', 'nonprivate'})}")
+    (shared, per), (np_shared, np_per) = (_split(cfg.get(t, {}), f"{path} [{t}]") for t in ("hparams", "nonprivate"))
+    if shared or np_shared:
+        raise ValueError(f"{path}: settings outside a [hparams.<method>] / [nonprivate.<method>] table")
+    return per, np_per
+
+
 def load_config(
-    path: str | Path, profile: str
+    path: str | Path, profile: str, *, tuned: bool = True
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(sweep settings, {method: hyperparameters}, {method: non-private overrides}) of ``profile`` in ``path``."""
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
-    bad = set(cfg) - {"sweep", "hparams", "nonprivate", "profiles"}
-    if bad:
-        raise ValueError(f"{path}: unknown table(s) {sorted(bad)}; expected [sweep], [hparams], [nonprivate], "
-                         "[profiles.*]")
-    sweep = dict(cfg.get("sweep", {}))
+    """(sweep settings, {method: hyperparameters}, {method: non-private overrides}) of ``profile`` in ``path``.
+
+    Hyperparameters resolve as [hparams] -> [hparams.<method>] -> the tuned file's
+    [hparams.<method>] (the ``tuned`` key, relative to ``path``; skipped when ``tuned`` is
+    False or the key is "") -> the profile's hparams; non-private overrides as [nonprivate]
+    -> [nonprivate.<method>] -> the tuned file's [nonprivate.<method>].
+    """
+    cfg, prof = read_profiled(path, ("sweep", "hparams", "nonprivate"), profile)
+    sweep = {"tuned": "", **cfg.get("sweep", {})}
     if set(sweep) - SWEEP_KEYS:
         raise ValueError(f"{path} [sweep]: unknown key(s) {sorted(set(sweep) - SWEEP_KEYS)}; known: {sorted(SWEEP_KEYS)}")
     base, per = _split(cfg.get("hparams", {}), "[hparams]")
-    profiles = cfg.get("profiles", {})
-    if profile not in profiles:
-        raise ValueError(f"{path}: no profile {profile!r}; profiles: {sorted(profiles)}")
-    prof = dict(profiles[profile])
     prof_hp = prof.pop("hparams", {})
     if set(prof) - SWEEP_KEYS:
         raise ValueError(f"{path} [profiles.{profile}]: unknown key(s) {sorted(set(prof) - SWEEP_KEYS)}; "
                          f"known: {sorted(SWEEP_KEYS)} and the table hparams")
     p_base, p_per = _split(prof_hp, f"[profiles.{profile}.hparams]")
     sweep.update(prof)
-    hparams = {m: {**base, **per.get(m, {}), **p_base, **p_per.get(m, {})} for m in METHODS}
+    if not isinstance(sweep["tuned"], str):
+        raise ValueError(f"{path}: tuned must be a file name (or \"\" for none), got {sweep['tuned']!r}")
+    if not tuned:
+        sweep["tuned"] = ""
+    t_per, t_np = _load_tuned(Path(path).parent / sweep["tuned"]) if sweep["tuned"] else ({}, {})
+    hparams = {m: {**base, **per.get(m, {}), **t_per.get(m, {}), **p_base, **p_per.get(m, {})} for m in METHODS}
     np_base, np_per = _split(cfg.get("nonprivate", {}), "[nonprivate]")
-    nonprivate = {m: {**np_base, **np_per.get(m, {})} for m in METHODS}
+    nonprivate = {m: {**np_base, **np_per.get(m, {}), **t_np.get(m, {})} for m in METHODS}
     for m in METHODS:
         stray = (set(hparams[m]) | set(nonprivate[m])) & HEAD_KEYS if m != "taft_head" else set()
         if stray:
@@ -169,7 +191,7 @@ def _check_sweep(sweep: dict[str, Any]) -> None:
         if not (isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v)):
             raise ValueError(f"{name} must be a non-empty list of integers >= {low}, got {v!r}")
 
-    missing = SWEEP_KEYS - set(sweep)
+    missing = SWEEP_KEYS - {"tuned"} - set(sweep)  # "tuned" is read and checked by load_config
     if missing:
         raise ValueError(f"the config lacks sweep setting(s) {sorted(missing)}")
     if not (isinstance(sweep["methods"], list) and sweep["methods"] and set(sweep["methods"]) <= set(METHODS)):
@@ -270,7 +292,8 @@ class Task:
     reuse_prefix: bool = True
 
 
-def _load_default_checkpoint(path: Path, num_classes: int, seed: int) -> nn.Module:
+def load_default_checkpoint(path: Path, num_classes: int, seed: int) -> nn.Module:
+    """``default_model(num_classes)`` with the backbone of the state dict at ``path`` and a fresh head drawn with ``seed``."""
     from experiments.data import default_model
 
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -292,7 +315,7 @@ def _backbone_factory(args: argparse.Namespace, num_classes: int) -> Callable[[i
         if seed not in cache:
             if args.model == "default":
                 if args.checkpoint is not None:
-                    cache[seed] = _load_default_checkpoint(Path(args.checkpoint), num_classes, seed)
+                    cache[seed] = load_default_checkpoint(Path(args.checkpoint), num_classes, seed)
                 else:
                     from experiments.pretrain import pretrained_default_model
 
@@ -310,7 +333,7 @@ def _backbone_factory(args: argparse.Namespace, num_classes: int) -> Callable[[i
     return make
 
 
-def _subsample(ds: Dataset, size: int, seed: int) -> Dataset:
+def subsample(ds: Dataset, size: int, seed: int) -> Dataset:
     """``size`` examples drawn without replacement with ``seed`` (kept in index order); 0 = all."""
     if size == 0 or size >= len(ds):
         if size > len(ds):
@@ -367,9 +390,9 @@ def build_task(args: argparse.Namespace, sweep: dict[str, Any]) -> Task:
             mean, std = model_normalisation(probe, in_chans)
         load = lambda train: load_image_dataset(  # noqa: E731
             args.dataset, args.data_root, size, in_chans, train=train, download=args.download, mean=mean, std=std)
-        train = _materialise(_subsample(load(True), n_train, data_seed))
+        train = _materialise(subsample(load(True), n_train, data_seed))
         test = load(False)
-    test = _materialise(_subsample(test, n_test, data_seed + 1))
+    test = _materialise(subsample(test, n_test, data_seed + 1))
     backbone(sweep["seeds"][0])  # fail (or pretrain the default ViT) before the first run
     info = {
         "dataset": args.dataset, "model": args.model,
@@ -455,6 +478,25 @@ def _label_order(rows: Sequence[res.Row]) -> list[str]:
     return list(dict.fromkeys(r["label"] for r in sorted(rows, key=key)))
 
 
+def difference_table(rows: Sequence[res.Row], cols: Sequence[str]) -> list[str]:
+    """Markdown lines: TAFT-k (and head first) minus NLFT-k per ε, paired by seed, with 95% t intervals."""
+    lines = []
+    for k in sorted({r["k"] for r in rows if r["method"] == "nlft"}, key=int):
+        for method in ("taft", "taft_head"):
+            a = next((r["label"] for r in rows if r["method"] == method and r["k"] == k), None)
+            if a is None:
+                continue
+            diffs = res.paired_differences(rows, a, f"NLFT-{k}", group="label", by="target_epsilon", pair="seed",
+                                           value="accuracy")
+            lines.append(f"| {a} − NLFT-{k} | " + " | ".join(diffs[c].text(100) if c in diffs else "—" for c in cols)
+                         + " |")
+    if not lines:
+        return []
+    return ["Paired difference in test accuracy (percentage points), same seed, mean [95% t interval] (n pairs):",
+            "", "| difference | " + " | ".join(res.epsilon_label(c) for c in cols) + " |",
+            "|:---|" + "---:|" * len(cols), *lines, ""]
+
+
 def randomness_notes(rows: Sequence[res.Row]) -> list[str]:
     """Markdown lines saying whether the runs' training randomness was secret or seeded."""
     kinds = {r.get("randomness") or "seeded" for r in rows}  # rows from before the column were seeded
@@ -503,7 +545,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         res.markdown_table(rows, row="label", col="target_epsilon", value="wall_time_s", row_order=order,
                            col_order=cols, col_label=res.epsilon_label, corner="method", digits=0),
     ]
-    lines += randomness_notes(rows) + _profile_notes(out)
+    lines += difference_table(rows, cols) + randomness_notes(rows) + _profile_notes(out)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]

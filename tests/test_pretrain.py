@@ -133,3 +133,20 @@ def test_shipped_checkpoint_loads_through_create_backbone(monkeypatch):
     shipped = torch.load(pt.SHIPPED_CHECKPOINT, weights_only=True)
     got = model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in shipped.items() if not k.startswith("head."))
+
+
+def test_class_subset_pretraining_sees_only_those_classes(task, monkeypatch):
+    from experiments.data import select_classes
+
+    sub = select_classes(task.public_train, [2, 0])
+    labels = task.public_train.tensors[1]
+    assert len(sub) == int(((labels == 0) | (labels == 2)).sum())
+    assert torch.equal(sub.tensors[1], torch.where(labels[(labels == 0) | (labels == 2)] == 2, 0, 1))
+    with pytest.raises(ValueError, match="distinct"):
+        select_classes(task.public_train, [1, 1])
+    seen = []
+    real = pt.F.cross_entropy
+    monkeypatch.setattr(pt.F, "cross_entropy", lambda logits, y, **kw: seen.append(y.clone()) or real(logits, y, **kw))
+    state, _ = pt.pretrain(**QUICK, classes=[0, 1, 2], log=lambda msg: None)
+    assert state["head.weight"].shape[0] == 3 and set(torch.cat(seen).tolist()) == {0, 1, 2}
+    assert len(torch.cat(seen)) == 256  # max_train counts within the chosen classes

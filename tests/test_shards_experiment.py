@@ -15,6 +15,7 @@ import torch
 
 from experiments import results as res
 from experiments import shards
+from experiments import sweep as sw
 
 pytest.importorskip("matplotlib")
 
@@ -92,11 +93,12 @@ def test_config_errors(tmp_path, backbone_file):
 def test_quick_profile_resolves():
     settings, hp, nonprivate = shards.load_config(shards.DEFAULT_CONFIG, "quick")
     assert settings["n_shards"] == [1, 2, 4] and settings["seeds"] == [0]
-    assert hp["epochs"] == 1 and hp["batch_size"] == 200 and nonprivate["lr"] == 0.1
+    _, sweep_hp, sweep_nonprivate = sw.load_config(sw.DEFAULT_CONFIG, "default")  # with the tuned file
+    assert hp["epochs"] == 1 and hp["batch_size"] == 200 and nonprivate == sweep_nonprivate["taft"]
     default, hp_default, _ = shards.load_config(shards.DEFAULT_CONFIG, "default")
     assert default["n_shards"] == [1, 2, 4, 8] and default["private_train_size"] == 10000
     assert default["delta"] == 1e-5 and math.isinf(default["epsilons"][-1])
-    assert hp_default["batch_size"] == 500 and hp_default["epochs"] == 3  # the sweep's TAFT defaults
+    assert hp_default == sweep_hp["taft"]  # the sweep's (tuned) TAFT settings
 
 
 def test_smoke_runs_its_shards_across_two_torchrun_ranks(tmp_path, backbone_file):

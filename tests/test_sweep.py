@@ -228,3 +228,21 @@ def test_real_dataset_path_with_local_files(tmp_path):
     assert {r["label"] for r in rows} == {"FC", "TAFT-1"}
     assert all(r["dataset"] == "fashion-mnist" and r["n_train"] == "64" and r["n_test"] == "32" for r in rows)
     assert all(float(r["epsilon"]) <= float(r["target_epsilon"]) for r in rows)
+
+
+def test_paired_differences_match_scipy_paired_t_interval():
+    from scipy import stats
+
+    a = [0.81, 0.84, 0.80, 0.86]
+    b = [0.85, 0.83, 0.84, 0.88]
+    rows = [{"label": g, "eps": "3", "seed": str(i), "acc": str(v), "status": "ok"}
+            for g, vals in (("A", a), ("B", b)) for i, v in enumerate(vals)]
+    rows += [{"label": "A", "eps": "3", "seed": "9", "acc": "0.9", "status": "ok"},  # unpaired: ignored
+             {"label": "B", "eps": "8", "seed": "0", "acc": "", "status": "failed"}]
+    diff = res.paired_differences(rows, "A", "B", group="label", by="eps", pair="seed", value="acc")
+    assert set(diff) == {"3"}
+    ref = stats.ttest_rel(a, b).confidence_interval(0.95)
+    d = diff["3"]
+    assert d.n == 4 and d.mean == pytest.approx(sum(x - y for x, y in zip(a, b)) / 4)
+    assert (d.low, d.high) == pytest.approx((ref.low, ref.high))
+    assert d.text(100) == f"{100 * d.mean:+.1f} [{100 * ref.low:+.1f}, {100 * ref.high:+.1f}] (n=4)"

@@ -1,0 +1,360 @@
+"""Hyperparameter tuning on a public proxy task, at equal trial budgets, for the sweep.
+
+``python -m experiments.tune`` selects, for each method of the sweep (FC, TAFT-k, TAFT-k
+head first, NLFT-k), the DP-SGD settings (lr, epochs, batch size, loss, LR schedule,
+clipping kind, iterate averaging; the head stage's epochs for TAFT head first) on a
+*public* stand-in for the private task, and writes the winners to ``tuned.toml``, the
+file ``experiments/sweep.toml`` reads (its ``tuned`` key). Choosing hyperparameters on
+the private data would itself leak it (Papernot & Steinke, "Hyperparameter Tuning with
+Renyi Differential Privacy", ICLR 2022), outside the ε the runs report; here no private
+example or label is read, so the sweep's ε covers the whole procedure.
+
+The proxy mimics the private task's shift. The default backbone is pretrained on public
+Fashion-MNIST classes 0-4 and fine-tuned on private classes 5-9 it never saw; the proxy
+backbone is pretrained the same way (:func:`experiments.pretrain.pretrain`, deterministic)
+on public classes 0-2 only and fine-tuned with DP-SGD on public classes 3-4, with the
+private task's N, δ and accountant, so a trial's q, T and σ equal the sweep run's. The
+winners then transfer to the real backbone and task. See ``experiments/tune.toml``.
+
+Budget and fairness: every method gets the same ``trials`` configurations (one Latin
+hypercube design over the search space, drawn with a public seed; method-specific keys are
+added to it), each trained once at the tuning ε, plus ``nonprivate_trials`` non-private
+runs that pick the ε = ∞ learning rate around the private winner. Outputs, in ``--out``
+(default ``results/tune-<timestamp>/``):
+
+* ``trials.csv``: one row per trial (settings as JSON, proxy accuracy, wall time), appended
+  as each ends; rerunning with the same ``--out`` skips finished trials;
+* ``summary.md``: the budget, the proxy, and every trial per method, winner marked;
+* ``tuned.toml``: the winners, with that provenance in its header (``--write PATH`` also
+  copies it there, e.g. ``--write experiments/tuned.toml`` to make them the sweep's defaults).
+
+Trial randomness is seeded with the trial number: the proxy is public, so nothing is
+protected, and the tuning is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import shutil
+import sys
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from experiments import results as res
+from experiments import sweep as sw
+from experiments.config import read_profiled
+
+__all__ = ["COLUMNS", "DEFAULT_CONFIG", "design", "load_config", "main", "select", "tuned_toml"]
+
+DEFAULT_CONFIG = Path(__file__).with_name("tune.toml")
+TUNE_KEYS = frozenset({
+    "methods", "blocks", "epsilon", "trials", "nonprivate_trials", "search_seed", "public_classes", "proxy_classes",
+    "pretrain_epochs", "pretrain_max_train", "proxy_train_size", "proxy_test_size",
+})
+COLUMNS = ("phase", "method", "trial", "hparams", "target_epsilon", "epsilon", "sigma", "steps", "accuracy",
+           "status", "error", "wall_time_s", "config", "finished_at")
+CSV_NAME, SUMMARY_NAME, TUNED_NAME = "trials.csv", "summary.md", "tuned.toml"
+#: "none" in the space means fit's averaging=None (TOML has no null).
+_NO_AVERAGING = "none"
+
+
+# --------------------------------------------------------------------------- config
+def _merge_space(base: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    shared = {k: v for k, v in base.items() if k not in sw.METHODS}
+    per = {k: v for k, v in base.items() if k in sw.METHODS}
+    for key, spec in [*shared.items(), *((k, v) for m in per.values() for k, v in m.items())]:
+        if key not in sw.HPARAM_KEYS:
+            raise ValueError(f"{where}: unknown hyperparameter {key!r}; known: {sorted(sw.HPARAM_KEYS)}")
+        _check_spec(key, spec, where)
+    return shared, per
+
+
+def _check_spec(key: str, spec: Any, where: str) -> None:
+    if isinstance(spec, list) and spec:
+        return
+    if isinstance(spec, dict) and set(spec) == {"log"} and len(spec["log"]) == 2 and 0 < spec["log"][0] < spec["log"][1]:
+        return
+    raise ValueError(f"{where}.{key}: expected a non-empty list of values or {{log = [low, high]}} with "
+                     f"0 < low < high, got {spec!r}")
+
+
+def load_config(path: str | Path, profile: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """(settings, {method: search space}, non-private lr space) of ``profile`` in ``path``."""
+    cfg, prof = read_profiled(path, ("tune", "space", "nonprivate_space"), profile)
+    prof_space = prof.pop("space", {})
+    settings = {**cfg.get("tune", {}), **prof}
+    if set(settings) - TUNE_KEYS or TUNE_KEYS - set(settings):
+        raise ValueError(f"{path} [tune] + profile {profile!r}: unknown {sorted(set(settings) - TUNE_KEYS)}, "
+                         f"missing {sorted(TUNE_KEYS - set(settings))}")
+    _check_settings(settings)
+    shared, per = _merge_space(cfg.get("space", {}), "[space]")
+    p_shared, p_per = _merge_space(prof_space, f"[profiles.{profile}.space]")
+    spaces = {m: {**shared, **per.get(m, {}), **p_shared, **p_per.get(m, {})} for m in settings["methods"]}
+    nonprivate = dict(cfg.get("nonprivate_space", {}))
+    if set(nonprivate) != {"lr"}:
+        raise ValueError(f"{path} [nonprivate_space]: expected exactly the key lr, got {sorted(nonprivate)}")
+    _check_spec("lr", nonprivate["lr"], "[nonprivate_space]")
+    return settings, spaces, nonprivate
+
+
+def _check_settings(s: dict[str, Any]) -> None:
+    def count(name: str, low: int) -> None:
+        if not (isinstance(s[name], int) and not isinstance(s[name], bool) and s[name] >= low):
+            raise ValueError(f"{name} must be an integer >= {low}, got {s[name]!r}")
+
+    for name, low in (("blocks", 1), ("trials", 1), ("nonprivate_trials", 0), ("search_seed", 0),
+                      ("pretrain_epochs", 1), ("pretrain_max_train", 0), ("proxy_train_size", 0),
+                      ("proxy_test_size", 0)):
+        count(name, low)
+    if not (isinstance(s["methods"], list) and s["methods"] and set(s["methods"]) <= set(sw.METHODS)):
+        raise ValueError(f"methods must be a non-empty list of {list(sw.METHODS)}, got {s['methods']!r}")
+    if not (isinstance(s["epsilon"], (int, float)) and 0 < s["epsilon"] < math.inf):
+        raise ValueError(f"epsilon must be a finite number > 0 (the tuning target), got {s['epsilon']!r}")
+    pub, proxy = s["public_classes"], s["proxy_classes"]
+    for name, cls in (("public_classes", pub), ("proxy_classes", proxy)):
+        if not (isinstance(cls, list) and cls and set(cls) <= set(range(5)) and len(set(cls)) == len(cls)):
+            raise ValueError(f"{name} must be distinct public classes in 0..4, got {cls!r}")
+    if set(pub) & set(proxy) or len(proxy) < 2:
+        raise ValueError(f"proxy_classes {proxy} must be >= 2 classes the proxy backbone never saw "
+                         f"(disjoint from public_classes {pub})")
+
+
+# --------------------------------------------------------------------------- design
+def design(space: dict[str, Any], trials: int, seed: int) -> list[dict[str, Any]]:
+    """``trials`` configurations: a Latin hypercube over ``space`` drawn with ``seed``.
+
+    Each listed value appears ⌊trials/len⌋ or ⌈trials/len⌉ times; a ``{log = [a, b]}`` key
+    takes one value in each of ``trials`` equal log-width strata of [a, b]; every key is
+    shuffled independently by its own generator, keyed by ``seed`` and the key's name, so
+    a key's column does not depend on the other keys: methods whose spaces differ only in
+    extra keys (``head_epochs``) get the same values of the shared ones, trial by trial.
+    """
+    columns: dict[str, list[Any]] = {}
+    for key in sorted(space):
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        spec = space[key]
+        if isinstance(spec, dict):
+            lo, hi = math.log(spec["log"][0]), math.log(spec["log"][1])
+            u = (np.arange(trials) + rng.random(trials)) / trials
+            values = [float(f"{math.exp(lo + (hi - lo) * x):.3g}") for x in u]
+        else:
+            values = [spec[i % len(spec)] for i in range(trials)]
+        columns[key] = [values[i] for i in rng.permutation(trials)]
+    return [{k: columns[k][t] for k in columns} for t in range(trials)]
+
+
+def fit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial configuration as sweep hyperparameters (``averaging = "none"`` dropped)."""
+    return {k: v for k, v in config.items() if not (k == "averaging" and v == _NO_AVERAGING)}
+
+
+# --------------------------------------------------------------------------- the proxy task
+def proxy_backbone_path(settings: dict[str, Any], cache_dir: Path) -> Path:
+    """The proxy backbone's checkpoint under ``cache_dir``, pretrained (deterministic) if absent."""
+    from experiments.pretrain import _save_atomic, pretrain
+
+    classes = "-".join(map(str, settings["public_classes"]))
+    n = settings["pretrain_max_train"]
+    path = cache_dir / f"proxy_vit_classes{classes}_e{settings['pretrain_epochs']}{f'_n{n}' if n else ''}.pt"
+    if not path.is_file():
+        print(f"pretraining the proxy backbone on public classes {classes} ({settings['pretrain_epochs']} epochs)",
+              flush=True)
+        state, acc = pretrain(settings["pretrain_epochs"], n or None, classes=settings["public_classes"])
+        _save_atomic(state, path)
+        print(f"proxy backbone: public test accuracy {acc:.4f} on its classes, saved {path}", flush=True)
+    return path
+
+
+def proxy_task(settings: dict[str, Any], backbone_path: Path) -> sw.Task:
+    """The public proxy: ``proxy_classes`` of the public split, fine-tuned from the proxy backbone."""
+    from experiments.data import default_task, select_classes
+
+    public = default_task(private_train_size=1)  # only its public split is used
+    train = select_classes(public.public_train, settings["proxy_classes"])
+    test = select_classes(public.public_test, settings["proxy_classes"])
+    train = sw.subsample(train, settings["proxy_train_size"], seed=0)
+    test = sw.subsample(test, settings["proxy_test_size"], seed=1)
+    num_classes = len(settings["proxy_classes"])
+    cache: dict[int, torch.nn.Module] = {}
+
+    def backbone(seed: int) -> torch.nn.Module:
+        if seed not in cache:
+            cache[seed] = sw.load_default_checkpoint(backbone_path, num_classes, seed).eval()
+        return cache[seed]
+
+    info = {"dataset": "proxy", "model": "default", "classes": settings["proxy_classes"],
+            "backbone": backbone_path.name, "n_train": len(train), "n_test": len(test)}
+    return sw.Task(train, test, num_classes, backbone, info)
+
+
+# --------------------------------------------------------------------------- trials
+def config_hash(settings: dict[str, Any], spaces: dict[str, Any], nonprivate: dict[str, Any],
+                base: dict[str, Any]) -> str:
+    """Short hash of everything that fixes the trials; a resumed ``--out`` must match it."""
+    blob = json.dumps([settings, spaces, nonprivate, base], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_trial(phase: str, method: str, trial: int, config: dict[str, Any], task: sw.Task, base: dict[str, Any],
+              out: Path, *, device: str, quiet: bool) -> dict[str, Any]:
+    """Train one trial (seeded with its number) through the sweep's ``run_one``; returns its trials.csv row."""
+    settings, sweep_hp, sweep = base["settings"], base["hparams"][method], base["sweep"]
+    epsilon = float(settings["epsilon"]) if phase == "private" else math.inf
+    k = 0 if method == "fc" else settings["blocks"]
+    hp = {**sweep_hp, **fit_kwargs(config)}
+    run = sw.Run(method, k, trial, epsilon, tuple(sorted(hp.items())))
+    row = sw.run_one(run, task, {**sweep, "reproducible": True}, out, device=device, quiet=quiet)
+    return {"phase": phase, "method": method, "trial": trial, "hparams": json.dumps(config, sort_keys=True),
+            "target_epsilon": epsilon, **{c: row.get(c) for c in ("epsilon", "sigma", "steps", "accuracy", "status",
+                                                                   "error", "wall_time_s", "finished_at")}}
+
+
+def select(rows: Sequence[res.Row], phase: str, method: str) -> res.Row:
+    """The winning trial: highest proxy accuracy among the finished ones (ties: the lower trial number)."""
+    ok = [r for r in rows if r["phase"] == phase and r["method"] == method and r["status"] == "ok"]
+    if not ok:
+        raise RuntimeError(f"no {phase} trial of {method} finished; see {CSV_NAME} for the errors")
+    return max(ok, key=lambda r: (res.to_float(r["accuracy"]), -int(r["trial"])))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v)
+
+
+def tuned_toml(rows: Sequence[res.Row], settings: dict[str, Any], profile: str) -> str:
+    """The winners as sweep.toml-style ``[hparams.<method>]`` / ``[nonprivate.<method>]`` tables, with provenance."""
+    n_private = sum(r["phase"] == "private" for r in rows)
+    n_nonprivate = len(rows) - n_private
+    lines = [
+        f"# Written by `python -m experiments.tune --profile {profile}`; read by experiments/sweep.toml (key tuned).",
+        f"# Proxy: backbone pretrained on public Fashion-MNIST classes {settings['public_classes']} "
+        f"({settings['pretrain_epochs']} epochs), DP fine-tuned on public classes {settings['proxy_classes']} "
+        f"(N = {settings['proxy_train_size'] or 'all'}).",
+        f"# Budget: {settings['trials']} trials per method at target epsilon {settings['epsilon']:g} (one Latin "
+        f"hypercube, search_seed {settings['search_seed']}) + {settings['nonprivate_trials']} non-private lr "
+        f"trials per method; {n_private} + {n_nonprivate} trials ran.",
+        "# Selection: highest proxy test accuracy. No private example or label was read.",
+        "",
+    ]
+    for method in settings["methods"]:
+        win = select(rows, "private", method)
+        lines += [f"[hparams.{method}]  # trial {win['trial']}, proxy accuracy {100 * float(win['accuracy']):.1f}%"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in sorted(fit_kwargs(json.loads(win["hparams"])).items())]
+        if settings["nonprivate_trials"]:
+            npw = select(rows, "nonprivate", method)
+            lr = json.loads(npw["hparams"])["lr"]
+            lines += ["", f"[nonprivate.{method}]  # trial {npw['trial']}, proxy accuracy "
+                      f"{100 * float(npw['accuracy']):.1f}%", f"lr = {_toml_value(lr)}"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary(rows: Sequence[res.Row], settings: dict[str, Any]) -> str:
+    """Markdown: every trial per method and phase, the winner in bold."""
+    lines = ["# Public-proxy tuning", "",
+             f"Proxy: classes {settings['proxy_classes']} from a backbone pretrained on {settings['public_classes']}; "
+             f"{settings['trials']} private trials (target ε = {settings['epsilon']:g}) and "
+             f"{settings['nonprivate_trials']} non-private trials per method. Accuracy: proxy test set (public).", ""]
+    for phase in ("private", "nonprivate"):
+        for method in settings["methods"]:
+            mine = [r for r in rows if r["phase"] == phase and r["method"] == method]
+            if not mine:
+                continue
+            best = select(rows, phase, method) if any(r["status"] == "ok" for r in mine) else None
+            lines += [f"## {method}, {phase}", "", "| trial | settings | accuracy (%) | steps | time (s) |",
+                      "|---|---|---|---|---|"]
+            for r in sorted(mine, key=lambda r: int(r["trial"])):
+                acc = f"{100 * float(r['accuracy']):.1f}" if r["status"] == "ok" else f"failed: {r['error'][:80]}"
+                mark = "**" if r is best else ""
+                lines.append(f"| {mark}{r['trial']}{mark} | `{r['hparams']}` | {mark}{acc}{mark} | {r['steps']} "
+                             f"| {r['wall_time_s']} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.tune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
+    prof = p.add_mutually_exclusive_group()
+    prof.add_argument("--profile", default="default", help="profile of the config file")
+    prof.add_argument("--smoke", dest="profile", action="store_const", const="smoke", help="profile 'smoke' (tests)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default results/tune-<timestamp>/); "
+                   "an existing one is resumed")
+    p.add_argument("--write", type=Path, default=None,
+                   help="also copy tuned.toml here (experiments/tuned.toml: the sweep's defaults)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the proxy backbone is kept (default: experiments.pretrain's cache directory)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no per-trial progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) the tuning; returns 0, or 2 on a bad configuration or a mismatching ``--out``."""
+    from experiments.pretrain import default_cache_dir
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        settings, spaces, np_space = load_config(args.config, args.profile)
+        sweep, hparams, _ = sw.load_config(sw.DEFAULT_CONFIG, "default", tuned=False)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / f"tune-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    base = {"settings": settings, "hparams": hparams, "sweep": {k: sweep[k] for k in ("delta", "accountant")}}
+    digest = config_hash(settings, spaces, np_space, base)
+    rows = res.read_rows(out / CSV_NAME)
+    if any(r["config"] != digest for r in rows):
+        print(f"error: {out} holds trials of another configuration: use a new --out", file=sys.stderr)
+        return 2
+    task = proxy_task(settings, proxy_backbone_path(settings, args.cache_dir or default_cache_dir()))
+    if not sweep["delta"] < 1 / len(task.train):
+        print(f"error: delta {sweep['delta']:g} is not below 1/N for the proxy's N = {len(task.train)}", file=sys.stderr)
+        return 2
+    done = {(r["phase"], r["method"], r["trial"]) for r in rows}
+    for phase in ("private", "nonprivate"):
+        for method in settings["methods"]:
+            if phase == "private":
+                configs = design(spaces[method], settings["trials"], settings["search_seed"])
+            else:
+                winner = json.loads(select(rows, "private", method)["hparams"])
+                configs = [{**winner, **lr} for lr in design(np_space, settings["nonprivate_trials"],
+                                                             settings["search_seed"])]
+            for trial, config in enumerate(configs):
+                if (phase, method, str(trial)) in done:
+                    continue
+                row = run_trial(phase, method, trial, config, task, base, out, device=args.device, quiet=args.quiet)
+                row["config"] = digest
+                res.append_row(out / CSV_NAME, row, COLUMNS)
+                rows.append({c: res.format_number(row.get(c)) for c in COLUMNS})
+                acc = f"{100 * row['accuracy']:.1f}%" if row["status"] == "ok" else f"FAILED ({row['error'][:150]})"
+                print(f"{phase} {method} trial {trial}: {acc} in {row['wall_time_s']:.0f} s  {row['hparams']}",
+                      flush=True)
+    (out / SUMMARY_NAME).write_text(summary(rows, settings))
+    (out / TUNED_NAME).write_text(tuned_toml(rows, settings, args.profile))
+    if args.write is not None:
+        shutil.copyfile(out / TUNED_NAME, args.write)
+    print(f"done: {out / TUNED_NAME}" + (f", copied to {args.write}" if args.write else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

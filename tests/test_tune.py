@@ -1,0 +1,150 @@
+"""experiments.tune: the design is fair, the proxy is public, the winners reach the sweep.
+
+The end-to-end test runs the ``--smoke`` profile (a 1-epoch proxy backbone, two trials per
+method) and then a smoke sweep that reads the written ``tuned.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import results as res
+from experiments import sweep as sw
+from experiments import tune
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def smoke_tune(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tune")
+    assert tune.main(["--smoke", "--out", str(out / "run"), "--cache-dir", str(out / "cache"), "--quiet"]) == 0
+    return out
+
+
+# --------------------------------------------------------------------------- the design
+def test_design_is_a_balanced_latin_hypercube():
+    space = {"lr": {"log": [0.1, 10.0]}, "batch_size": [1, 2, 3], "loss": ["ce", "square"]}
+    configs = tune.design(space, 12, seed=0)
+    assert len(configs) == 12
+    assert Counter(c["batch_size"] for c in configs) == {1: 4, 2: 4, 3: 4}
+    assert Counter(c["loss"] for c in configs) == {"ce": 6, "square": 6}
+    # one lr per equal log-width stratum of [0.1, 10]
+    strata = sorted(int(12 * (math.log(c["lr"]) - math.log(0.1)) / (math.log(10) - math.log(0.1))) for c in configs)
+    assert strata == list(range(12))
+    assert tune.design(space, 12, seed=0) == configs and tune.design(space, 12, seed=1) != configs
+
+
+def test_methods_share_the_trials_of_their_common_keys():
+    settings, spaces, _ = tune.load_config(tune.DEFAULT_CONFIG, "default")
+    taft = tune.design(spaces["taft"], settings["trials"], settings["search_seed"])
+    head = tune.design(spaces["taft_head"], settings["trials"], settings["search_seed"])
+    assert "head_epochs" in head[0] and "head_epochs" not in taft[0]
+    assert [{k: c[k] for k in taft[0]} for c in head] == taft
+
+
+def test_every_method_gets_the_same_budget():
+    settings, spaces, _ = tune.load_config(tune.DEFAULT_CONFIG, "default")
+    assert set(spaces) == set(settings["methods"]) == set(sw.METHODS)
+    assert {len(tune.design(spaces[m], settings["trials"], 0)) for m in spaces} == {settings["trials"]}
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"proxy_classes": [2, 3]}, "never saw"),
+    ({"public_classes": [0, 7]}, "public classes in 0..4"),
+    ({"epsilon": math.inf}, "finite"),
+    ({"trials": 0}, "trials"),
+    ({"bogus": 1}, "unknown"),
+])
+def test_config_errors(tmp_path, change, match):
+    head, sep, rest = tune.DEFAULT_CONFIG.read_text().partition("\n[space]\n")
+    for key, value in change.items():
+        line = f"{key} = {'inf' if value == math.inf else json.dumps(value)}"
+        head, n = re.subn(rf"^{key} = .*$", line, head, flags=re.MULTILINE)
+        head += "" if n else line + "\n"
+    path = tmp_path / "t.toml"
+    path.write_text(head + sep + rest)
+    with pytest.raises(ValueError, match=match):
+        tune.load_config(path, "default")
+
+
+def test_unknown_hyperparameter_in_space_is_an_error(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(tune.DEFAULT_CONFIG.read_text().replace("[space]\n", "[space]\nlearning_rate = [1.0]\n"))
+    with pytest.raises(ValueError, match="learning_rate"):
+        tune.load_config(path, "default")
+
+
+# --------------------------------------------------------------------------- the proxy is public
+def test_proxy_holds_only_public_images_of_the_proxy_classes(tmp_path, backbone_file):
+    from experiments.data import PUBLIC_MEAN, PUBLIC_STD, load_fashion_mnist
+
+    settings, _, _ = tune.load_config(tune.DEFAULT_CONFIG, "default")
+    task = tune.proxy_task(settings, backbone_file)
+    raw = load_fashion_mnist()
+    images, labels = task.train.tensors
+    assert len(labels) == settings["proxy_train_size"] and task.num_classes == 2
+    pixels = torch.round((images.squeeze(1) * PUBLIC_STD + PUBLIC_MEAN) * 255).to(torch.uint8)
+    public = {bytes(raw.train_images[i].numpy()): int(raw.train_labels[i])
+              for i in torch.isin(raw.train_labels, torch.tensor([3, 4])).nonzero().squeeze(1).tolist()}
+    assert all(public.get(bytes(p.numpy())) == 3 + int(y) for p, y in zip(pixels, labels))
+    test_images, test_labels = task.test.tensors
+    assert len(test_labels) == 2000 and set(test_labels.tolist()) == {0, 1}
+
+
+# --------------------------------------------------------------------------- end to end
+def test_smoke_tuning_writes_winners_the_sweep_reads(smoke_tune, tmp_path, backbone_file):
+    run = smoke_tune / "run"
+    rows = res.read_rows(run / tune.CSV_NAME)
+    settings, _, _ = tune.load_config(tune.DEFAULT_CONFIG, "smoke")
+    per = Counter((r["phase"], r["method"]) for r in rows)
+    assert per == {(p, m): n for m in settings["methods"]
+                   for p, n in (("private", settings["trials"]), ("nonprivate", settings["nonprivate_trials"]))}
+    assert all(r["status"] == "ok" for r in rows)
+    assert {r["target_epsilon"] for r in rows if r["phase"] == "private"} == {"1"}
+    tuned = tomllib.loads((run / tune.TUNED_NAME).read_text())
+    for method in settings["methods"]:
+        win = tune.select(rows, "private", method)
+        assert float(win["accuracy"]) == max(float(r["accuracy"]) for r in rows
+                                             if r["method"] == method and r["phase"] == "private")
+        assert tuned["hparams"][method] == tune.fit_kwargs(json.loads(win["hparams"]))
+        assert tuned["nonprivate"][method]["lr"] == json.loads(tune.select(rows, "nonprivate", method)["hparams"])["lr"]
+    assert "Budget: 2 trials per method" in (run / tune.TUNED_NAME).read_text()
+    # the sweep resolves [hparams] -> [hparams.<method>] -> tuned -> profile
+    config = tmp_path / "sweep.toml"
+    (tmp_path / "mine.toml").write_text((run / tune.TUNED_NAME).read_text())
+    config.write_text(sw.DEFAULT_CONFIG.read_text().replace("[sweep]\n", '[sweep]\ntuned = "mine.toml"\n', 1)
+                      .replace('tuned = "tuned.toml"', "", 1))
+    _, hparams, nonprivate = sw.load_config(config, "default")
+    for method in settings["methods"]:
+        expected = {**tuned["hparams"][method]}
+        assert {k: hparams[method][k] for k in expected} == expected
+        assert nonprivate[method]["lr"] == tuned["nonprivate"][method]["lr"]
+    _, untuned, _ = sw.load_config(config, "default", tuned=False)
+    assert untuned["taft"]["lr"] == tomllib.loads(config.read_text())["hparams"]["lr"]
+
+
+def test_resume_skips_finished_trials_and_refuses_another_configuration(smoke_tune, tmp_path):
+    run = smoke_tune / "run"
+    before = len(res.read_rows(run / tune.CSV_NAME))
+    assert tune.main(["--smoke", "--out", str(run), "--cache-dir", str(smoke_tune / "cache"), "--quiet"]) == 0
+    assert len(res.read_rows(run / tune.CSV_NAME)) == before
+    other = tmp_path / "t.toml"
+    other.write_text(tune.DEFAULT_CONFIG.read_text().replace("search_seed = 0", "search_seed = 5"))
+    assert tune.main(["--config", str(other), "--smoke", "--out", str(run), "--quiet"]) == 2
+
+
+def test_sweep_says_how_to_get_a_missing_tuned_file(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text(sw.DEFAULT_CONFIG.read_text().replace("[sweep]\n", '[sweep]\ntuned = "absent.toml"\n', 1)
+                      .replace('tuned = "tuned.toml"', "", 1))
+    with pytest.raises(ValueError, match="experiments.tune"):
+        sw.load_config(config, "default")
