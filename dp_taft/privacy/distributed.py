@@ -18,6 +18,7 @@ batch is yielded, empty or not.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -81,7 +82,16 @@ def current(device: torch.device, enabled: bool | None) -> Comm:
         if device.type == "cuda":  # NCCL's object collectives use the current device: this rank's GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # The group we opened is closed at exit: left to interpreter teardown, gloo's threads
+        # can be destroyed out of order and abort the process ("terminate called without an
+        # active exception"; seen once, in a 2-rank test job on a loaded machine).
+        atexit.register(_close_group)
     return Comm(dist.get_rank(), dist.get_world_size())
+
+
+def _close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: torch.device, comm: Comm) -> torch.device:
