@@ -94,30 +94,34 @@ def sweep_argv(axis: str, value: int, args: argparse.Namespace, out: Path) -> li
     return argv
 
 
-def _rows(axis: str, out: Path, default_dir: Path) -> list[dict[str, Any]]:
-    """The counted sweep rows of every point of ``axis``, with the column ``axis_value``."""
+def _rows(axis: str, out: Path, default_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The counted sweep rows of ``args``' methods, ε and seeds at every point of ``axis``, with the
+    column ``axis_value`` (the default point's directory may hold more: e.g. the main sweep)."""
     rows = []
     for (a, value), name in points([axis]).items():
         where = default_dir if name == "default" else out / name
         for r in res.latest(res.read_rows(where / sw.CSV_NAME), ("run_id",)).values():
-            rows.append({**r, "axis_value": str(value)})
+            if (r["method"] in args.methods and float(r["target_epsilon"]) == args.epsilon
+                    and int(r["seed"]) in args.seeds):
+                rows.append({**r, "axis_value": str(value)})
     return rows
 
 
-def write_outputs(out: Path, axes: Sequence[str], default_dir: Path, cache_dir: Path | None = None) -> None:
-    """(Re)write summary.md and one figure per axis from the points' results.csv."""
+def write_outputs(out: Path, args: argparse.Namespace, default_dir: Path) -> None:
+    """(Re)write summary.md and one figure per axis (``args.axes``) from the points' results.csv."""
     lines = ["# TAFT against NLFT along three axes", "",
-             "Test accuracy (%) on the private task, mean ± std over seeds, and the paired difference "
-             "(percentage points, same seed) with its 95% t interval. Each axis varies alone around the default "
-             "(backbone pretrained 8 epochs, N = 10,000, k = 2).", ""]
-    for axis in axes:
-        rows = [r for r in _rows(axis, out, default_dir) if r["method"] in METHODS]
+             f"Test accuracy (%) on the private task at target ε = {args.epsilon:g}, mean ± std over seeds "
+             f"{', '.join(map(str, args.seeds))}, and the paired difference (percentage points, same seed) with its "
+             "95% t interval. Each axis varies alone around the default (backbone pretrained 8 epochs, "
+             "N = 10,000, k = 2).", ""]
+    for axis in args.axes:
+        rows = _rows(axis, out, default_dir, args)
         if not rows:
             continue
         values, _, xlabel = AXES[axis]
         cols = [str(v) for v in values]
-        if axis == "backbone" and cache_dir is not None:
-            accs = ", ".join(f"{v} epochs: {100 * backbone_accuracy(v, cache_dir):.1f}%" for v in values)
+        if axis == "backbone":
+            accs = ", ".join(f"{v} epochs: {100 * backbone_accuracy(v, args.cache_dir):.1f}%" for v in values)
             lines += [f"Public test accuracy of the backbones (classes 0-4, their pretraining head): {accs}.", ""]
         names = {"taft": "TAFT", "taft_head": "TAFT (head first)", "nlft": "NLFT"}
         for r in rows:
@@ -125,7 +129,7 @@ def write_outputs(out: Path, axes: Sequence[str], default_dir: Path, cache_dir: 
         present = [n for m, n in names.items() if any(r["method"] == m for r in rows)]
         lines += [f"## {axis}: {xlabel}", "",
                   res.markdown_table(rows, row="name", col="axis_value", value="accuracy", row_order=present,
-                                     col_order=cols, corner="method", scale=100)]
+                                     col_order=cols, corner="method", scale=100, expected_n=len(args.seeds))]
         diffs = {a: res.paired_differences(rows, a, "NLFT", group="name", by="axis_value", pair="seed",
                                            value="accuracy") for a in present if a != "NLFT"}
         lines += ["| difference | " + " | ".join(cols) + " |", "|:---|" + "---:|" * len(cols)]
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if code:
                 return code
     args.out.mkdir(parents=True, exist_ok=True)
-    write_outputs(args.out, args.axes, default_dir, args.cache_dir)
+    write_outputs(args.out, args, default_dir)
     print(f"done: {args.out / 'summary.md'}")
     return 0
 

@@ -36,7 +36,11 @@ def test_axis_outputs_pair_taft_with_nlft_by_seed(tmp_path):
                 res.append_row(tmp_path / name / sw.CSV_NAME, {
                     "run_id": f"{method}_{seed}", "method": method, "k": 2, "label": method, "seed": seed,
                     "target_epsilon": 3.0, "accuracy": a, "status": "ok"}, sw.COLUMNS)
-    axes.write_outputs(tmp_path, ["k"], tmp_path / "default")
+    res.append_row(tmp_path / "default" / sw.CSV_NAME, {  # another ε in the default directory: left out
+        "run_id": "nlft_eps8", "method": "nlft", "k": 2, "label": "nlft", "seed": 0, "target_epsilon": 8.0,
+        "accuracy": 0.1, "status": "ok"}, sw.COLUMNS)
+    args = argparse.Namespace(axes=["k"], methods=["taft", "nlft"], epsilon=3.0, seeds=[0, 1], cache_dir=tmp_path)
+    axes.write_outputs(tmp_path, args, tmp_path / "default")
     text = (tmp_path / "summary.md").read_text()
     d = res.Difference.of([0.80 - 0.85, 0.82 - 0.86])
     assert f"| TAFT − NLFT | {res.Difference.of([-0.02, -0.04]).text(100)} | {d.text(100)} | — |" in text
