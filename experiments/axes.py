@@ -68,13 +68,13 @@ def points(axes: Sequence[str]) -> dict[tuple[str, int], str]:
 
 def backbone_accuracy(epochs: int, cache_dir: Path) -> float:
     """Public test accuracy (classes 0-4) of the backbone pretrained for ``epochs``, with its pretraining head."""
-    from experiments.data import default_model, default_task
+    from experiments.data import default_model, public_split
     from experiments.pretrain import SHIPPED_CHECKPOINT, evaluate
 
     path = backbone_checkpoint(epochs, cache_dir) or SHIPPED_CHECKPOINT
     model = default_model(5)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return evaluate(model, default_task(private_train_size=1).public_test)
+    return evaluate(model, public_split()[1])
 
 
 def sweep_argv(axis: str, value: int, args: argparse.Namespace, out: Path) -> list[str]:

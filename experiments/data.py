@@ -43,6 +43,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_image_dataset",
     "model_normalisation",
+    "public_split",
     "read_idx",
     "select_classes",
 ]
@@ -185,6 +186,14 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) 
     return TensorDataset(_normalise(images[keep]), labels[keep] - min(classes))
 
 
+def public_split(root: str | Path | None = None) -> tuple[TensorDataset, TensorDataset]:
+    """(training, test) images of the public classes 0-4 only, as in :class:`DefaultTask`: for
+    code that must not hold a private example (pretraining, the tuning proxy)."""
+    raw = load_fashion_mnist(root)
+    return (_subset(raw.train_images, raw.train_labels, PUBLIC_CLASSES),
+            _subset(raw.test_images, raw.test_labels, PUBLIC_CLASSES))
+
+
 def default_task(private_train_size: int | None = 10_000, seed: int = 0, root: str | Path | None = None) -> DefaultTask:
     """Build the public (classes 0-4) and private (classes 5-9) tasks.
 
@@ -202,9 +211,10 @@ def default_task(private_train_size: int | None = 10_000, seed: int = 0, root: s
         pick = torch.randperm(private_pool.numel(), generator=gen)[:private_train_size]
         private_pool = private_pool[pick.sort().values]
     offset = min(PRIVATE_CLASSES)
+    public_train, public_test = public_split(root)
     return DefaultTask(
-        public_train=_subset(raw.train_images, raw.train_labels, PUBLIC_CLASSES),
-        public_test=_subset(raw.test_images, raw.test_labels, PUBLIC_CLASSES),
+        public_train=public_train,
+        public_test=public_test,
         private_train=TensorDataset(
             _normalise(raw.train_images[private_pool]), raw.train_labels[private_pool] - offset
         ),

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.models import VisionTransformer
 from torch.utils.data import TensorDataset
 
-from experiments.data import default_model, default_task, select_classes
+from experiments.data import PUBLIC_CLASSES, default_model, public_split, select_classes
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -112,8 +112,7 @@ def pretrain(
     head and labels renumbered 0.. in the given order; ``experiments.tune`` uses it to
     build a public proxy of the private task (a backbone that never saw the proxy's classes).
     """
-    task = default_task(private_train_size=1)  # the private subset is irrelevant here
-    train, test = task.public_train, task.public_test
+    train, test = public_split()
     if classes is not None:
         train, test = select_classes(train, classes), select_classes(test, classes)
     images, labels = train.tensors
@@ -129,7 +128,7 @@ def pretrain(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = default_model(len(classes) if classes is not None else task.num_classes)
+            model = default_model(len(classes) if classes is not None else len(PUBLIC_CLASSES))
             gen = torch.Generator().manual_seed(seed)
             # No weight decay on biases, norms, position embedding and class token (standard for ViTs).
             decay = [p for p in model.parameters() if p.ndim >= 2 and p.shape[0] != 1]

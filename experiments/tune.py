@@ -176,11 +176,11 @@ def proxy_backbone_path(settings: dict[str, Any], cache_dir: Path) -> Path:
 
 def proxy_task(settings: dict[str, Any], backbone_path: Path) -> sw.Task:
     """The public proxy: ``proxy_classes`` of the public split, fine-tuned from the proxy backbone."""
-    from experiments.data import default_task, select_classes
+    from experiments.data import public_split, select_classes
 
-    public = default_task(private_train_size=1)  # only its public split is used
-    train = select_classes(public.public_train, settings["proxy_classes"])
-    test = select_classes(public.public_test, settings["proxy_classes"])
+    public_train, public_test = public_split()  # holds no private example
+    train = select_classes(public_train, settings["proxy_classes"])
+    test = select_classes(public_test, settings["proxy_classes"])
     train = sw.subsample(train, settings["proxy_train_size"], seed=0)
     test = sw.subsample(test, settings["proxy_test_size"], seed=1)
     num_classes = len(settings["proxy_classes"])
