@@ -47,17 +47,11 @@ METHODS = ("taft", "taft_head", "nlft")
 
 def backbone_checkpoint(epochs: int, cache_dir: Path) -> Path | None:
     """The backbone pretrained for ``epochs`` (None: the shipped 8-epoch one), pretrained if absent."""
-    from experiments.pretrain import _save_atomic, pretrain
+    from experiments.pretrain import pretrained_checkpoint
 
     if epochs == AXES["backbone"][1]:
         return None
-    path = cache_dir / f"pretrain_e{epochs}.pt"
-    if not path.is_file():
-        print(f"pretraining the backbone for {epochs} epochs -> {path}", flush=True)
-        state, acc = pretrain(epochs)
-        _save_atomic(state, path)
-        print(f"public test accuracy {acc:.4f}", flush=True)
-    return path
+    return pretrained_checkpoint(cache_dir / f"pretrain_e{epochs}.pt", epochs=epochs)
 
 
 def points(axes: Sequence[str]) -> dict[tuple[str, int], str]:

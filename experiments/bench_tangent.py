@@ -119,24 +119,21 @@ def bk_step(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> Callable[[], 
         expected_batch_size=len(h), loss_reduction="mean", generator=noise.generator,
     )
     opt.noise_stream = noise
-    criterion = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        criterion(wrapped(h), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return _sgd_step(wrapped, opt, h, y)
 
 
 def nonprivate_step(model: nn.Module, h: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One ordinary (non-private) SGD step of the same model: plain autograd, no clipping, no noise."""
-    view = FromPrefix(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    return _sgd_step(FromPrefix(model), opt, h, y)
+
+
+def _sgd_step(module: nn.Module, opt: torch.optim.Optimizer, h: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The timed step: cross-entropy of ``module(h)``, backward, ``opt.step()``, gradients cleared."""
     criterion = nn.CrossEntropyLoss()
 
     def step() -> None:
-        criterion(view(h), y).backward()
+        criterion(module(h), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

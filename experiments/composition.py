@@ -50,8 +50,7 @@ def _logits(model: nn.Module, data: Any) -> torch.Tensor:
     return torch.cat([model(x) for x, _ in DataLoader(data, batch_size=500)])
 
 
-def _accuracy(logits: torch.Tensor, data: Any) -> float:
-    labels = torch.cat([y for _, y in DataLoader(data, batch_size=500)])
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
 
@@ -89,11 +88,12 @@ def run_seed(method: str, task: sw.Task, seed: int, settings: dict[str, Any], hp
     base = {"method": method, "seed": seed, "n_shards": settings["n_shards"], "target_epsilon": settings["epsilon"]}
     try:
         models, eps = train_shards(method, task, seed, settings, hparams, out)
+        labels = torch.cat([y for _, y in DataLoader(task.test, batch_size=500)])
         logits = [_logits(m, task.test) for m in models]
-        ensemble = _accuracy(torch.stack(logits).mean(0), task.test)
+        ensemble = _accuracy(torch.stack(logits).mean(0), labels)
         single = compose(models) if method == "taft" else average_weights(models)
-        averaged = _accuracy(_logits(single, task.test), task.test)
-        shard_mean = sum(_accuracy(lg, task.test) for lg in logits) / len(logits)
+        averaged = _accuracy(_logits(single, task.test), labels)
+        shard_mean = sum(_accuracy(lg, labels) for lg in logits) / len(logits)
         if method == "taft" and abs(averaged - ensemble) > 1e-3:
             raise RuntimeError(f"composed TAFT ({averaged}) differs from its output ensemble ({ensemble})")
         accs = dict(zip(COMBINATIONS[method], (averaged, ensemble)))

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ __all__ = [
     "default_cache_dir",
     "evaluate",
     "pretrain",
+    "pretrained_checkpoint",
     "pretrained_default_model",
     "sha256_file",
     "main",
@@ -195,6 +196,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def pretrained_checkpoint(path: Path, *, retrain: bool = False, log: Callable[[str], None] = _log,
+                          **pretrain_kwargs: Any) -> Path:
+    """``path``, first written by ``pretrain(**pretrain_kwargs)`` (deterministic) if it is absent or
+    ``retrain`` is set; progress and the public test accuracy go to ``log``."""
+    if retrain or not path.is_file():
+        state, acc = pretrain(**pretrain_kwargs, log=log)
+        _save_atomic(state, path)
+        log(f"pretrained {path.name}: public test accuracy {acc:.4f}, saved {path}")
+    return path
+
+
 def pretrained_default_model(
     num_classes: int = 5,
     *,
@@ -214,11 +226,8 @@ def pretrained_default_model(
     """
     path = SHIPPED_CHECKPOINT
     if retrain or not path.is_file():
-        path = Path(cache_dir or default_cache_dir()) / CHECKPOINT_NAME
-        if retrain or not path.is_file():
-            state, acc = pretrain(log=lambda msg: print(msg, file=sys.stderr))
-            _save_atomic(state, path)
-            print(f"pretrained default model: public test accuracy {acc:.4f}, saved {path}", file=sys.stderr)
+        path = pretrained_checkpoint(Path(cache_dir or default_cache_dir()) / CHECKPOINT_NAME, retrain=retrain,
+                                     log=lambda msg: print(msg, file=sys.stderr))
     elif sha256_file(path) != SHIPPED_SHA256:
         raise RuntimeError(f"{path} does not match its recorded sha256; restore it or pass retrain=True")
     state = torch.load(path, map_location="cpu", weights_only=True)

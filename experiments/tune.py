@@ -160,18 +160,13 @@ def fit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the proxy task
 def proxy_backbone_path(settings: dict[str, Any], cache_dir: Path) -> Path:
     """The proxy backbone's checkpoint under ``cache_dir``, pretrained (deterministic) if absent."""
-    from experiments.pretrain import _save_atomic, pretrain
+    from experiments.pretrain import pretrained_checkpoint
 
     classes = "-".join(map(str, settings["public_classes"]))
     n = settings["pretrain_max_train"]
     path = cache_dir / f"proxy_vit_classes{classes}_e{settings['pretrain_epochs']}{f'_n{n}' if n else ''}.pt"
-    if not path.is_file():
-        print(f"pretraining the proxy backbone on public classes {classes} ({settings['pretrain_epochs']} epochs)",
-              flush=True)
-        state, acc = pretrain(settings["pretrain_epochs"], n or None, classes=settings["public_classes"])
-        _save_atomic(state, path)
-        print(f"proxy backbone: public test accuracy {acc:.4f} on its classes, saved {path}", flush=True)
-    return path
+    return pretrained_checkpoint(path, epochs=settings["pretrain_epochs"], max_train=n or None,
+                                 classes=settings["public_classes"])
 
 
 def proxy_task(settings: dict[str, Any], backbone_path: Path) -> sw.Task:
