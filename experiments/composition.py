@@ -138,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.shards >= 1 and 0 < args.epsilon < math.inf):
         p.error("--shards must be >= 1 and --epsilon finite and > 0")
     sweep, hparams, _ = sw.load_config(sw.DEFAULT_CONFIG, args.profile)
-    task = sw.build_task(argparse.Namespace(dataset="default", model="default", checkpoint=None, timm_kwargs=None),
-                         {**sweep, "seeds": args.seeds})
+    task = sw.build_task(sw.default_task_args(), {**sweep, "seeds": args.seeds})
     settings = {"n_shards": args.shards, "epsilon": args.epsilon, "k": args.blocks, "delta": sweep["delta"],
                 "accountant": sweep["accountant"]}
     done = {(r["method"], r["seed"]) for r in res.read_rows(args.out / "results.csv")}

@@ -308,9 +308,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
-    # what experiments.sweep.build_task reads: the default task and ViT only
-    args.dataset, args.model, args.pretrained, args.timm_kwargs = "default", "default", True, None
-    args.data_root, args.download = Path("data"), False
+    vars(args).update(vars(sw.default_task_args(args.checkpoint)))  # the default task and ViT only
     return args
 
 

@@ -369,6 +369,13 @@ def _weights_sha256(args: argparse.Namespace) -> str | None:
     return sha256_file(path) if path is not None and Path(path).is_file() else None
 
 
+def default_task_args(checkpoint: Path | None = None) -> argparse.Namespace:
+    """The command-line fields :func:`build_task` reads, for the offline default task and ViT
+    (``checkpoint``: other weights for it), for experiments that build the sweep's task."""
+    return argparse.Namespace(dataset="default", model="default", pretrained=True, checkpoint=checkpoint,
+                              timm_kwargs=None, data_root=Path("data"), download=False)
+
+
 def build_task(args: argparse.Namespace, sweep: dict[str, Any]) -> Task:
     num_classes = NUM_CLASSES[args.dataset]
     backbone = _backbone_factory(args, num_classes)
