@@ -22,6 +22,7 @@ import timm.models.vision_transformer as vit
 from torch.utils.data import Dataset
 
 from .methods import linear_probe
+from .privacy.checkpoint import private_dir
 from .privacy.randomness import derive_seed
 from .tangent import linearize
 from .train import FitResult, fit
@@ -69,7 +70,11 @@ def fit_head_first(
         "taft"); ``history`` is stage 2's.
     """
     n = len(train_set)
-    stage_dirs = (None, None) if checkpoint_dir is None else (Path(checkpoint_dir) / "head", Path(checkpoint_dir) / "taft")
+    # The stages' parent is private too (0700): fit only makes its own stage directory owner-only.
+    stage_dirs: tuple[Path | None, Path | None] = (None, None)
+    if checkpoint_dir is not None:
+        root = private_dir(checkpoint_dir)
+        stage_dirs = (root / "head", root / "taft")
     seed = fit_kwargs.pop("seed", None)
     # Explicitly seeded runs give each stage its own stream: reusing one seed would draw
     # the same noise in both stages, which the composed accounting does not cover.

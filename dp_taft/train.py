@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .losses import make_loss
 from .postprocessing import StepPostProcessing
-from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, load_checkpoint
+from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, load_checkpoint, private_dir
 from .privacy.data import FromPrefix, Indexed, cache_prefix, resolve_train_set
 from .privacy.distributed import current as distributed_comm
 from .privacy.distributed import local_device
@@ -122,6 +122,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     quiet: bool = False,
+    show_train_loss: bool = False,
     num_workers: int = 0,
     prior: Sequence[accounting.Segment] | accounting.PrivacyReport = (),
     stage: str | None = None,
@@ -188,6 +189,9 @@ def fit(
             on a slightly different gradient would leak), so it may stop early at the budget.
         checkpoint_every: steps between checkpoints (>= 1); also the ledger's reservation block.
         quiet: no progress bars.
+        show_train_loss: also print the training loss (running, and per epoch). It is a noiseless
+            statistic of the private training data that the guarantee does NOT cover, so it is off
+            by default and labelled "not private" when shown; ``history`` always holds it (in memory).
         num_workers: DataLoader worker processes (>= 0).
         prior: DP-SGD segments already run on the SAME private data, or the report of that
             earlier run (e.g. a first stage's ``result.report``). They are written first into
@@ -201,6 +205,10 @@ def fit(
             parameters, each with ``.grad_sample`` (B, *shape) to read or overwrite in place.
             Used by :mod:`dp_taft.audit` to inject gradient canaries; clipping, noise and
             accounting are unchanged, so a row that depends only on its own example keeps the guarantee.
+            A :class:`~dp_taft.privacy.engine.ClippedSumHook` also runs with an explicit
+            ``grad_sample_mode="bk"`` ("auto" picks "hooks" for any hook): its claimed rows skip
+            the forward and backward, and it adds their gradients to the clipped sum unclipped:
+            they are trusted (an auditing instrument), so one of norm > C voids the guarantee.
         distributed: None (default): data-parallel over the ranks when run under ``torchrun``
             (WORLD_SIZE > 1) or in an initialised process group with several ranks
             (:mod:`dp_taft.privacy.distributed`): one model, each rank sampling and clipping its
@@ -238,10 +246,10 @@ def fit(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state = None
     if ckpt_dir is not None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(ckpt_dir)  # 0700 whatever the umask: it will hold the run's secret key
         state = load_checkpoint(ckpt_dir / CHECKPOINT_FILE)
     plan = plan.calibrated() if state is None else plan.resumed(state["plan"], ckpt_dir)
-    ledger = open_ledger(plan, ckpt_dir, None if state is None else state["ledger_steps"]) if comm.main else None
+    ledger = comm.on_main(lambda: open_ledger(plan, ckpt_dir, None if state is None else state["ledger_steps"]))
     run = comm.broadcast(RunState.start(seed, ledger) if state is None else RunState.resume(state, ledger, seed))
 
     # ---- 3. the private engine
@@ -265,14 +273,15 @@ def fit(
     run.seed_generators(noise, state, augment is not None)
     history = [EpochRecord(**r) for r in (state["history"] if state else [])]
 
-    def save() -> None:
-        if ckpt_dir is not None and comm.main:
-            atomic_save(_checkpoint(plan, run, model, engine, noise, history, ledger, post), ckpt_dir / CHECKPOINT_FILE)
+    def save() -> None:  # rank 0 writes; a failure there stops every rank at once
+        if ckpt_dir is not None:
+            comm.on_main(lambda: atomic_save(_checkpoint(plan, run, model, engine, noise, history, ledger, post),
+                                             ckpt_dir / CHECKPOINT_FILE))
 
     # ---- 4. the epoch loop
     loop = EpochLoop(engine, plan, ledger, comm, block=args["checkpoint_every"], physical=physical, device=device,
                      augment=None if use_cache else augment, num_workers=args["num_workers"], quiet=quiet,
-                     after_step=post.after_step)
+                     show_loss=show_train_loss, after_step=post.after_step)
     stopped = False
     with engine.training():
         while run.epoch < plan.epochs and not stopped:
@@ -282,12 +291,12 @@ def fit(
                 history.append(_epoch_record(run, module, eval_data, args["criterion"], physical, device, ledger,
                                              started))
             if not quiet:
-                tqdm.write(_describe(history[-1], plan.epochs))
+                tqdm.write(_describe(history[-1], plan.epochs, show_train_loss))
             if not stopped:
                 run.next_epoch()
             save()
     post.finish()
-    report = None if ledger is None else plan.report(ledger, run.step, prior_stages, stage)
+    report = comm.on_main(lambda: None if ledger is None else plan.report(ledger, run.step, prior_stages, stage))
     report, history = comm.broadcast((report, history))  # every rank returns rank 0's ledger-based view
     if stopped:
         warnings.warn(
@@ -379,8 +388,11 @@ def evaluate(module: nn.Module, data: Dataset, criterion: nn.Module, batch_size:
     return loss_sum / count, correct / count
 
 
-def _describe(r: EpochRecord, epochs: int) -> str:
-    parts = [f"epoch {r.epoch + 1}/{epochs}", f"train loss {r.train_loss:.4f}"]
+def _describe(r: EpochRecord, epochs: int, show_loss: bool) -> str:
+    """One epoch's line; the training loss only on request, labelled (noiseless, so not private)."""
+    parts = [f"epoch {r.epoch + 1}/{epochs}"]
+    if show_loss:
+        parts.append(f"train loss {r.train_loss:.4f} (not private)")
     if r.eval_loss is not None:
         parts += [f"eval loss {r.eval_loss:.4f}", f"eval acc {r.eval_accuracy:.3f}"]
     if r.epsilon_spent is not None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import timm
 import torch
 from torch.utils.data import TensorDataset
@@ -46,3 +51,22 @@ def interrupt_after(monkeypatch, steps: int, error: type[BaseException]) -> None
         return physical_step(self, *args)
 
     monkeypatch.setattr(PrivateEngine, "physical_step", crash)
+
+
+def permission_modes(root: Path) -> dict[str, set[int]]:
+    """Permission bits of ``root`` and of every directory and file under it, by kind
+    ({"dirs": {...}, "files": {...}}): owner-only private data reads {0o700} and {0o600}."""
+    root = Path(root)
+    paths = [root, *root.rglob("*")]
+    return {"dirs": {p.stat().st_mode & 0o777 for p in paths if p.is_dir()},
+            "files": {p.stat().st_mode & 0o777 for p in paths if p.is_file()}}
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Run the block under the process umask ``mask``, restoring the previous one after."""
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)

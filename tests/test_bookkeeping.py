@@ -11,6 +11,7 @@ from opacus.optimizers import DPOptimizerFastGradientClipping, get_optimizer_cla
 from torch.func import functional_call, grad, vmap
 
 import dp_taft
+import dp_taft.privacy.bk_kernels as bk_kernels
 import dp_taft.privacy.bookkeeping as bk
 from dp_taft import methods
 from dp_taft.privacy.data import FromPrefix
@@ -113,7 +114,7 @@ def test_norms_equal_vmap_grad(variant, kind):
 def test_ghost_and_direct_norms_agree(variant, monkeypatch):
     tangent, h, y = setup(variant)
     results = {m: bk_grads(tangent, h, y, "ce", clip=0.05, method=m) for m in bk.NORM_METHODS}
-    monkeypatch.setattr(bk, "CHUNK_ELEMENTS", 1)  # one example per chunk, every loop path
+    monkeypatch.setattr(bk_kernels, "CHUNK_ELEMENTS", 1)  # one example per chunk, every loop path
     chunked = {m: bk_grads(tangent, h, y, "ce", clip=0.05, method=m) for m in ("ghost", "direct")}
     for grads, norms in [*results.values(), *chunked.values()]:
         torch.testing.assert_close(norms, results["auto"][1], rtol=1e-12, atol=0)
@@ -313,7 +314,8 @@ def test_zero_gradient_rows_dropped_exactly(monkeypatch):
 
     def spy(self, layer, a, g):
         out = original(self, layer, a, g)
-        kept.append(out[1].shape[1])
+        if not self._probing:  # the real batch, not the public dummy pass that finds the rows
+            kept.append(out[1].shape[1])
         return out
 
     monkeypatch.setattr(bk.BookKeepingModule, "nonzero_rows", spy)
@@ -327,7 +329,7 @@ def test_zero_gradient_rows_dropped_exactly(monkeypatch):
 
 @pytest.mark.parametrize("deferred", [False, True])
 def test_cached_rows_are_checked_every_pass(deferred):
-    """Rows are found on the first pass and cached; a later batch whose dropped row is not
+    """Rows are found by the dummy pass and cached; a later batch whose dropped row is not
     zero (here: a NaN there) raises, at once (CPU: nothing written) or at the next forward
     (as on CUDA, where the check avoids a host sync), and the cache is rebuilt."""
     tangent, h, y = setup("base")
@@ -361,4 +363,36 @@ def test_cached_rows_are_checked_every_pass(deferred):
     assert not wrapped._rows
     F.cross_entropy(wrapped(h), y).backward()
     assert_close({n: p.grad for n, p in trainable(tangent).items()}, grads[0], rtol=1e-14)
+    wrapped.to_standard_module()
+
+
+def test_rows_are_structural_so_no_first_batch_can_make_a_later_one_raise():
+    """The rows to drop come from a public dummy pass, not from the first batch: a first batch
+    whose output gradient vanishes on every row (here: a zero loss) must not make the rows it
+    leaves at zero droppable, and the next, ordinary batch is exact instead of raising."""
+    tangent, h, y = setup("base")
+    wrapped = bk.make_bk_module(FromPrefix(tangent), 0.05)
+    (0.0 * wrapped(h).sum()).backward()  # every row of every output gradient is zero
+    assert all(torch.count_nonzero(p.grad) == 0 for p in trainable(tangent).values())
+    sparse = [len(rows) for _, rows, _ in wrapped._rows.values() if rows is not None]
+    assert sparse == [1, 1, 1]  # the last block's proj, fc1, fc2: the class token only, as the structure says
+    for p in tangent.parameters():
+        p.grad = None
+    F.cross_entropy(wrapped(h), y).backward()
+    got = {n: p.grad.clone() for n, p in trainable(tangent).items()}
+    wrapped.to_standard_module()
+    for p in tangent.parameters():
+        p.grad = None
+    want, _ = bk_grads(tangent, h, y, "ce", clip=0.05)
+    assert_close(got, want, rtol=1e-14)
+
+
+def test_dummy_pass_leaves_no_trace_and_draws_no_global_randomness():
+    tangent, h, y = setup("base")
+    wrapped = bk.make_bk_module(FromPrefix(tangent), 0.05)
+    state = torch.get_rng_state()
+    wrapped._find_rows((h,), {})
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in trainable(tangent).values())
+    assert wrapped.per_sample_gradient_norms is None and wrapped._rows_found
     wrapped.to_standard_module()

@@ -18,7 +18,7 @@ import torch
 import dp_taft
 from dp_taft.methods import linear_probe
 from dp_taft.privacy.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, Ledger, atomic_save, load_checkpoint
-from fit_cases import easy_dataset, interrupt_after, tiny_vit, trainable_state
+from fit_cases import easy_dataset, interrupt_after, permission_modes, tiny_vit, trainable_state, umask
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET, DELTA = 2.0, 1e-3
@@ -173,3 +173,19 @@ def test_atomic_save_replaces_without_leftovers(tmp_path):
     assert torch.equal(load_checkpoint(path)["a"], torch.zeros(2))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
     assert load_checkpoint(tmp_path / "missing.pt") is None
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o000, 0o277], ids=oct)
+def test_checkpoint_dirs_are_0700_and_files_0600_whatever_the_umask(tmp_path, mask):
+    """A new checkpoint_dir and its missing parents, and an existing one made 0777, end owner-only
+    with every file in them (checkpoint with the secret key, ledger), after a run and a resume."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    os.chmod(existing, 0o777)
+    with umask(mask):
+        for ckpt in (tmp_path / "new" / "ckpt", existing, existing):  # the last: a resume
+            dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(48), epsilon=TARGET, delta=DELTA, epochs=1,
+                        batch_size=16, lr=0.1, checkpoint_dir=ckpt, quiet=True)
+    assert {p.name for p in existing.iterdir()} == {CHECKPOINT_FILE, LEDGER_FILE}
+    for root in (tmp_path / "new", existing):
+        assert permission_modes(root) == {"dirs": {0o700}, "files": {0o600}}

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import accounting
@@ -26,9 +27,9 @@ from fit_cases import easy_dataset, tiny_vit
 JOB = Path(__file__).with_name("distributed_job.py")
 
 
-def launch(out: Path, *args: str) -> subprocess.CompletedProcess:
+def launch(out: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(JOB), *args, str(out)], env=env, capture_output=True, text=True, timeout=300)
 
@@ -121,7 +122,8 @@ def test_shards_spread_over_the_ranks_equal_the_single_process_shards(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     model, data = shard_task()
-    reference = fit_shards(model, data, 3, ids=range(len(data)), seed=1, distributed=False, **SHARDS)
+    assert a["key"] == b["key"]  # rank 0's secret partition key on every rank
+    reference = fit_shards(model, data, 3, ids=range(len(data)), key=a["key"], seed=1, distributed=False, **SHARDS)
     reference.forget([5])
     for got in (a, b):
         assert got["retrained"] == a["retrained"] and got["report"] == a["report"]
@@ -132,3 +134,26 @@ def test_shards_spread_over_the_ranks_equal_the_single_process_shards(tmp_path):
     shards_of = lambda rank: [s for s in range(3) if s % 2 == rank]  # noqa: E731
     for rank, got in enumerate((a, b)):  # each rank trained only its own shards, once per round
         assert got["fits"] == len(shards_of(rank)) + len(set(a["retrained"]) & set(shards_of(rank)))
+
+
+@pytest.mark.parametrize("how", ["fail", "hang"])
+def test_rank0_failing_alone_ends_every_rank_in_bounded_time_and_a_relaunch_resumes(tmp_path, how):
+    """Rank 0 alone fails ("fail": its ledger write raises; "hang": it stops answering) and its
+    process lives on: rank 1 must stop by itself with a clear error (at once when rank 0's
+    error can be handed over, else after the process-group timeout, 8 s here), and the job
+    must end long before rank 0's 600 s sleep; a relaunch resumes with every step counted."""
+    started = time.monotonic()
+    crashed = launch(tmp_path, "train", "--rank0", how, "--die-after", "6", DP_TAFT_DIST_TIMEOUT="8")
+    elapsed = time.monotonic() - started
+    assert crashed.returncode != 0 and elapsed < 120, (elapsed, crashed.stderr[-3000:])
+    expected = "rank 0 failed (OSError" if how == "fail" else "did not answer within the process group's timeout"
+    assert "rank 1 stopped: RankFailure" in crashed.stderr and expected in crashed.stderr, crashed.stderr[-3000:]
+    assert "resume from the write-ahead ledger" in crashed.stderr
+    executed_before = len((tmp_path / "executed.txt").read_text().splitlines())
+
+    resumed = launch(tmp_path, "train", "--count")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = accounting.PrivacyReport.from_json(ranks(tmp_path)[0]["report"])
+    executed = len((tmp_path / "executed.txt").read_text().splitlines())
+    assert report.steps >= executed > executed_before >= 6
+    assert report.epsilon <= TRAIN["epsilon"]

@@ -214,3 +214,21 @@ def test_prior_needs_a_target_and_segments():
         dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(60), epsilon=None, prior=(accounting.Segment(1.0, 0.1, 5),), quiet=True)
     with pytest.raises(ValueError, match="accounting.Segment"):
         dp_taft.fit(linear_probe(tiny_vit()), easy_dataset(60), epsilon=1.0, delta=1e-3, prior=[(1.0, 0.1, 5)], quiet=True)
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_training_loss_is_printed_only_on_request_and_labelled(capfd, show):
+    """The training loss is a noiseless statistic of the private data: by default neither the
+    epoch lines nor the progress bar show it; show_train_loss=True shows it, labelled."""
+    result = dp_taft.fit(taft(tiny_vit(), 1), TRAIN, epsilon=3.0, delta=DELTA, epochs=2, batch_size=32, lr=0.5,
+                         eval_set=TEST, seed=0, show_train_loss=show)
+    printed = "".join(capfd.readouterr())
+    losses = [f"{r.train_loss:.4f}" for r in result.history]
+    assert "epoch 2/2" in printed and "eps" in printed  # progress is still shown
+    assert all((loss in printed) == show for loss in losses), printed
+    assert ("(not private)" in printed) == show and ("train loss" in printed) == show
+
+
+def test_show_train_loss_must_be_a_flag():
+    with pytest.raises(ValueError, match="show_train_loss must be True or False"):
+        dp_taft.fit(taft(tiny_vit(), 1), TRAIN, epsilon=3.0, delta=DELTA, show_train_loss="yes")

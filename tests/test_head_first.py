@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import accounting
 import pytest
 import torch
 
 from dp_taft.head_first import fit_head_first
-from fit_cases import easy_dataset, tiny_vit
+from fit_cases import easy_dataset, permission_modes, tiny_vit, umask
 
 
 def test_one_budget_covers_both_stages():
@@ -62,3 +64,15 @@ def test_explicit_seed_gives_the_stages_independent_streams(monkeypatch):
     fit_head_first(tiny_vit(), 1, easy_dataset(40), epsilon=None, batch_size=20, lr=0.1, quiet=True, seed=5)
     fit_head_first(tiny_vit(), 1, easy_dataset(40), epsilon=None, batch_size=20, lr=0.1, quiet=True)
     assert seen[0] != seen[1] and None not in seen[:2] and seen[2:] == [None, None]
+
+
+def test_checkpoint_dir_and_stage_dirs_are_owner_only(tmp_path):
+    """An existing checkpoint_dir made 0777 ends 0700, like its head/ and taft/ stages and their files."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    with umask(0o022):
+        fit_head_first(tiny_vit(), 1, easy_dataset(40), epsilon=2.0, delta=1e-3, head_epochs=1, epochs=1,
+                       batch_size=20, lr=0.1, quiet=True, checkpoint_dir=root)
+    assert {p.name for p in root.iterdir()} == {"head", "taft"}
+    assert permission_modes(root) == {"dirs": {0o700}, "files": {0o600}}

@@ -1,10 +1,15 @@
-"""The frozen-prefix cache: RAM and memory-mapped stores, reuse by key, crash safety, "auto", 16-bit storage."""
+"""The frozen-prefix cache: RAM and memory-mapped stores, reuse by key (every example checked), crash safety,
+salted names, owner-only files, "auto", 16-bit storage."""
 
 from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import json
 import logging
+import multiprocessing
+import os
 import pickle
 import re
 import socket
@@ -19,7 +24,7 @@ import dp_taft
 from dp_taft.methods import LinearProbe, NLFTViT, linear_probe, nlft, taft
 from dp_taft.privacy import prefix_cache
 from dp_taft.privacy.prefix_cache import CacheSpec, build_prefix_cache
-from dp_taft.privacy.prefix_keys import cache_key
+from dp_taft.privacy.prefix_keys import CacheKey, load_salt, prefix_fingerprint, tensor_digest
 from dp_taft.tangent import TangentViT
 from fit_cases import easy_dataset, tiny_vit, trainable_state
 
@@ -95,7 +100,7 @@ def test_a_stored_cache_is_reused_exactly_when_prefix_data_and_dtype_match(tmp_p
 def test_an_interrupted_build_is_never_reused(tmp_path):
     with pytest.raises(Killed):
         dp_taft.fit(counted(taft(tiny_vit(), 1), fail_after=2), TRAIN, cache_dir=tmp_path, **FIT)
-    assert list(tmp_path.iterdir()) == []  # partial file deleted, no completion marker
+    assert [p.name for p in tmp_path.iterdir()] == ["salt"]  # partial file deleted, no completion marker
     model = counted(taft(tiny_vit(), 1))
     dp_taft.fit(model, TRAIN, cache_dir=tmp_path, **FIT)
     assert model.prefix_calls == 3
@@ -103,14 +108,154 @@ def test_an_interrupted_build_is_never_reused(tmp_path):
     next(tmp_path.glob("*.meta.pt")).unlink()
     # and the partial file of a builder killed on this host stays behind
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    key = cache_key(model, TRAIN, torch.float32)
-    stale = tmp_path / f"{key}.{socket.gethostname()}.{int(dead.stdout)}.part"
+    salt = load_salt(tmp_path)
+    key = CacheKey.of(salt, model, len(TRAIN), torch.float32)
+    stale = tmp_path / f"{key.group}.{socket.gethostname()}.{int(dead.stdout)}.part"
     stale.write_bytes(b"torn")
     model = counted(taft(tiny_vit(), 1))
     dp_taft.fit(model, TRAIN, cache_dir=tmp_path, **FIT)
     assert model.prefix_calls == 3 and not stale.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.bin", f"{key}.meta.pt"]
+    name = key.name(tensor_digest(TRAIN, salt))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.bin", f"{name}.meta.pt", "salt"]
     assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o600}  # features and labels of private data
+
+
+class Examples(torch.utils.data.Dataset):
+    """A map-style data set that is not a TensorDataset (read example by example), editable in place."""
+
+    def __init__(self, data: torch.utils.data.TensorDataset) -> None:
+        self.x, self.y = (t.clone() for t in data.tensors)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+def test_a_stored_cache_is_reused_only_for_the_same_data_every_example_of_it(tmp_path, caplog):
+    data = Examples(easy_dataset(300, seed=3))
+    # the former key hashed N and these 256 evenly spaced examples of anything but a small TensorDataset
+    sampled = {round(j * (len(data) - 1) / 255) for j in range(256)}
+    edited = min(set(range(len(data))) - sampled)
+
+    def run(**cache) -> tuple[int, float, dict[str, torch.Tensor], list[str]]:
+        caplog.clear()
+        model = counted(taft(tiny_vit(), 1))
+        with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
+            result = dp_taft.fit(model, data, eval_set=data, **FIT, **cache)  # eval reads the same data
+        return model.prefix_calls, result.history[-1].eval_loss, trainable_state(model), _messages(caplog)
+
+    calls, old_loss, old_state, log = run(cache_dir=tmp_path)
+    assert calls == 10 and "verified against every example" in log[1]  # train built (10 batches); eval reused it
+    calls, loss, _, log = run(cache_dir=tmp_path)
+    assert calls == 0 and loss == old_loss and len(log) == 2
+    assert all("verified against every example of the data (each one read and hashed)" in m for m in log)
+    data.x[edited], data.y[edited] = data.x[edited].flip(-1) + 1.0, (data.y[edited] + 1) % 3  # a correction
+    calls, loss, state, log = run(cache_dir=tmp_path)
+    assert calls == 10 and "did not match the data" in log[0] and "verified against every example" in log[-1]
+    _, fresh_loss, fresh_state, _ = run(cache_prefix=True)  # in RAM, nothing stored: the new data
+    assert loss == fresh_loss != old_loss and all(torch.equal(state[k], fresh_state[k]) for k in state)
+    assert any(not torch.equal(state[k], old_state[k]) for k in state)
+    model = taft(tiny_vit(), 1).eval()
+    stored = build_prefix_cache(model, data, CacheSpec("disk", tmp_path), batch_size=32, device=CPU, quiet=True,
+                                desc="t")
+    exact = build_prefix_cache(model, data, CacheSpec("ram"), batch_size=32, device=CPU, quiet=True, desc="t")
+    assert torch.equal(stored.y, data.y) and torch.equal(stored.h, exact.h)
+    assert len(list(tmp_path.glob("*.bin"))) == 2  # the cache of the data before the correction stays
+
+
+class Drifting(Examples):
+    """Examples that read differently every time, as under a random transform."""
+
+    reads = 0
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1
+        x, y = super().__getitem__(i)
+        return x + 1e-3 * self.reads, y
+
+
+def test_a_data_set_that_reads_differently_every_time_is_never_reused(tmp_path):
+    data = Drifting(TRAIN)
+    for _ in range(2):
+        model = counted(taft(tiny_vit(), 1).eval())
+        build_prefix_cache(model, data, CacheSpec("disk", tmp_path), batch_size=32, device=CPU, quiet=True, desc="t")
+        assert model.prefix_calls == 3
+    assert len(list(tmp_path.glob("*.bin"))) == 2
+
+
+def _old_fingerprints(model: torch.nn.Module, data: torch.utils.data.TensorDataset) -> tuple[str, str]:
+    """The former, unsalted (name of ``data``'s float32 cache, data fingerprint): anyone who knows every
+    example computes them."""
+    digest = hashlib.sha256(f"{type(data).__qualname__};n={len(data)}".encode())
+    for t in data.tensors:
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    blob = json.dumps(["dp_taft.prefix_cache/1", prefix_fingerprint(model), digest.hexdigest(), str(torch.float32)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32], digest.hexdigest()
+
+
+def test_cache_names_are_salted_and_no_fingerprint_is_logged_or_printed(tmp_path, caplog, capsys):
+    model = taft(tiny_vit(), 1)
+    quiet = {**FIT, "quiet": False}  # progress bars and the cache lines printed too
+    with caplog.at_level(logging.DEBUG):
+        for directory in ("a", "b", "a"):  # built twice, in two directories; reused once
+            dp_taft.fit(model, TRAIN, eval_set=Examples(TEST), cache_dir=tmp_path / directory, **quiet)
+    out = capsys.readouterr()
+    shown = f"{caplog.text}\n{out.out}\n{out.err}"
+    names = {d: sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("a", "b")}
+    listed = "\n".join(names["a"] + names["b"])
+    assert "reusing the cache in" in shown and str(tmp_path / "a") in shown
+    # The attack on the old scheme: the adversary knows every example and the code.
+    for secret in (*_old_fingerprints(model, TRAIN), prefix_fingerprint(model)):
+        assert secret[:16] not in shown and secret[:16] not in listed
+    # The same data and prefix are named apart in two directories: the name depends on each one's secret salt,
+    salts = [(tmp_path / d / "salt").read_bytes() for d in ("a", "b")]
+    assert len(salts[0]) == 32 and salts[0] != salts[1] and names["a"] != names["b"]
+    # and the salt is what names them (an adversary's guess of it, here zeros, names nothing there).
+    key = CacheKey.of(salts[0], model, len(TRAIN), torch.float32)
+    assert f"{key.name(tensor_digest(TRAIN, salts[0]))}.bin" in names["a"]
+    guess = CacheKey.of(bytes(32), model, len(TRAIN), torch.float32)
+    assert f"{guess.name(tensor_digest(TRAIN, bytes(32)))}.bin" not in names["a"]
+    assert not any(name.split("-")[0] in shown for name in names["a"] + names["b"] if name != "salt")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o277])
+def test_cache_directories_are_0700_and_files_0600_whatever_the_umask(tmp_path, umask):
+    model = taft(tiny_vit(), 1)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir(mode=0o755)  # a cache dir made with the umask's mode, e.g. by an older version
+    before = os.umask(umask)
+    try:
+        dp_taft.fit(model, TRAIN, eval_set=Examples(TEST), cache_dir=tmp_path / "new" / "cache", **FIT)
+        caches = [build_prefix_cache(model.eval(), TRAIN, spec, batch_size=32, device=CPU, quiet=True, desc="t")
+                  for spec in (CacheSpec("disk"), CacheSpec("disk", earlier))]  # a temporary directory; earlier
+    finally:
+        os.umask(before)
+    directories = [tmp_path / "new", tmp_path / "new" / "cache", caches[0].path.parent, earlier]
+    assert [d.stat().st_mode & 0o777 for d in directories] == [0o700] * 4
+    files = [p for d in directories for p in d.iterdir() if p.is_file()]
+    # new/cache: salt, train and eval (data, marker); temporary: data, marker; earlier: salt, data, marker
+    assert len(files) == 10 and {f.stat().st_mode & 0o777 for f in files} == {0o600}
+
+
+def _salt_of(directory: Path, start: multiprocessing.synchronize.Barrier, out: multiprocessing.Queue) -> None:
+    start.wait()
+    out.put(load_salt(directory))
+
+
+def test_processes_sharing_a_cache_dir_agree_on_one_salt(tmp_path):
+    context = multiprocessing.get_context("fork")  # load_salt runs no torch: forking a torch process is safe here
+    start, out = context.Barrier(4), context.Queue()
+    racers = [context.Process(target=_salt_of, args=(tmp_path, start, out)) for _ in range(4)]
+    for p in racers:
+        p.start()
+    salts = [out.get(timeout=60) for _ in racers]
+    for p in racers:
+        p.join(timeout=60)
+    assert set(salts) == {(tmp_path / "salt").read_bytes()} and len(salts[0]) == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["salt"]  # no temporary file left
 
 
 def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -163,7 +308,7 @@ def test_fp16_overflow_is_refused(tmp_path):
     spec = CacheSpec("disk", tmp_path, torch.float16)
     with pytest.raises(ValueError, match="overflow cache_dtype torch.float16 .* use cache_dtype='bf16'"):
         build_prefix_cache(model, TRAIN, spec, batch_size=32, device=CPU, quiet=True, desc="t")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["salt"]
 
 
 def test_a_mapped_cache_is_shared_read_only_and_pickles_as_its_path(tmp_path):

@@ -13,7 +13,8 @@ from scipy import stats
 import dp_taft
 from dp_taft.methods import linear_probe, taft
 from dp_taft.privacy.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from dp_taft.privacy.randomness import NoiseStream, PoissonSampler, csprng_uniform, noise_optimizer_class, secure_normal
+from dp_taft.privacy.randomness import (NoiseStream, PoissonSampler, csprng_uniform, noise_optimizer_class, philox_state,
+                                       secure_normal)
 from fit_cases import easy_dataset, tiny_vit, trainable_state
 
 DATA = easy_dataset(96)
@@ -106,6 +107,47 @@ def test_every_bit_of_the_run_key_changes_noise_and_batches():
     for other in (base + 2**32, base + 2**64, base + 2**100):
         (z0, b0), (z1, b1) = draws(base), draws(other)
         assert not torch.equal(z0, z1) and b0 != b1
+
+
+def test_cuda_philox_state_depends_on_key_bits_beyond_64():
+    """torch's CUDA Philox takes a 64-bit seed: the state must carry more of the key (a secret
+    counter offset), so keys equal in their low 64 bits still give different streams."""
+    base = 12345
+    states = [philox_state(key, 0, 0).view(torch.int64).tolist() for key in (base, base + 2**64, base + 2**100)]
+    assert len({tuple(s) for s in states}) == 3
+    offsets = [s[1] for s in states]
+    assert all(o % 4 == 0 for o in offsets) and len(set(offsets)) == 3  # torch requires a multiple of 4
+
+
+def test_cuda_stream_is_keyed_through_philox_state():
+    """What runs on CUDA, checked without a GPU: the stream's generator gets philox_state of
+    (key, stream) as its whole state (seed and offset), not a 64-bit manual_seed."""
+    class Recorder:
+        def set_state(self, state):
+            self.state = state.clone()
+
+        def manual_seed(self, seed):
+            raise AssertionError("a 64-bit manual_seed would drop the key's other bits")
+
+    noise = NoiseStream(torch.device("cpu"), secure=False)
+    noise.kind, noise.generator = "cuda", Recorder()
+    key = 12345 + 2**100
+    noise.seed(key, 3, 4)
+    assert torch.equal(noise.generator.state, philox_state(key, 3, 4))
+    assert noise.generator.state.dtype == torch.uint8 and noise.generator.state.numel() == 16  # torch's layout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_noise_changes_with_key_bits_beyond_64():
+    def draw(key):
+        noise = NoiseStream(torch.device("cuda"), secure=False)
+        noise.seed(key, 0, 0)
+        return torch.randn(4096, device="cuda", generator=noise.generator).cpu()
+
+    base = 12345
+    z = [draw(k) for k in (base, base + 2**64, base + 2**100)]
+    assert torch.equal(draw(base), z[0])  # the same key replays (resume)
+    assert not torch.equal(z[0], z[1]) and not torch.equal(z[0], z[2]) and not torch.equal(z[1], z[2])
 
 
 def test_secret_key_is_128_bits_and_a_resumed_private_run_stays_in_budget(tmp_path):

@@ -11,8 +11,9 @@ from torch.utils.data import Subset
 
 import dp_taft
 from dp_taft.shards import ShardAssignment, fit_shards
+from fit_cases import permission_modes, umask
 
-FIT = dict(epochs=1, batch_size=16, lr=0.5, quiet=True)
+FIT = dict(epochs=1, batch_size=4, lr=0.5, quiet=True)  # small: secret keys give random shard sizes
 
 
 def tiny_task(n=96, seed=0):
@@ -39,6 +40,16 @@ def test_assignment_is_a_partition_that_depends_only_on_each_id():
     assert dict(zip(a.ids, a.shards)).items() - {(i, s) for i, s in zip(b.ids, b.shards)} == {(ids[0], a.shards[0])}
     assert ShardAssignment.create(ids, 4, key=8).shards != a.shards  # the key changes the partition
     assert ShardAssignment.from_json(a.to_json()) == a
+    assert a.sizes == tuple(len(ps) for ps in positions)
+
+
+def test_default_partition_key_is_secret_and_fresh():
+    """128 bits from the OS each time: no two default partitions share a key, none is the old 0."""
+    keys = [ShardAssignment.create(range(10), 2).key for _ in range(4)]
+    assert len(set(keys)) == 4 and all(0 < k < 2**128 for k in keys)
+    assert max(keys).bit_length() > 64  # 4 draws all below 2^64: probability 2^-256
+    with pytest.raises(ValueError, match="128-bit partition key"):
+        ShardAssignment.create(range(10), 2, key=2**128)
 
 
 def test_duplicate_ids_refused():
@@ -80,7 +91,7 @@ def test_default_ids_come_from_content_so_a_deletion_moves_no_other_example():
     tangent, data = tiny_task(n=60)
     full = fit_shards(tangent, data, 3, epsilon=None, **FIT).assignment
     rest = Subset(data, range(1, 60))  # example 0 deleted: every later position shifts
-    smaller = fit_shards(tangent, rest, 3, epsilon=None, **FIT).assignment
+    smaller = fit_shards(tangent, rest, 3, key=full.key, epsilon=None, **FIT).assignment
     assert smaller.ids == full.ids[1:]
     assert smaller.shards == full.shards[1:]  # no other example changed shard
     with pytest.raises(ValueError, match="examples 0 and 1 are identical.*ids="):
@@ -96,6 +107,44 @@ def test_seedless_shards_retrain_with_fresh_secret_noise():
     assert all(not states_equal(shard_set.models[s], before[s]) for s in retrained)
 
 
+def test_forget_deletes_the_stored_features_of_removed_examples(tmp_path):
+    """With a prefix cache_dir, each shard caches its own examples' frozen features; forgetting
+    an example must erase its features from disk too, not only retrain the model."""
+    tangent, data = tiny_task(n=60)
+    shard_set = fit_shards(tangent, data, 2, ids=range(60), epsilon=2.0, delta=1e-3, cache_dir=tmp_path, **FIT)
+    with torch.no_grad():
+        features = tangent.prefix(data[7][0][None])[0].contiguous().numpy().tobytes()
+
+    def stored() -> bool:
+        return any(features in p.read_bytes() for p in tmp_path.rglob("*.bin"))
+
+    assert stored()  # the cache really holds example 7's features (else this test proves nothing)
+    shard_set.forget([7])
+    assert not stored()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["shard_000", "shard_001"]
+
+
+def test_relaunch_into_the_same_out_dir_keeps_the_partition(tmp_path):
+    """A relaunch (e.g. after a crash) must resume the very partition the shard checkpoints were
+    trained on, not draw a new secret key; another partition, or a set with removals, is refused."""
+    tangent, data = tiny_task(n=40)
+    kwargs = dict(ids=range(40), epsilon=2.0, delta=1e-3, out_dir=tmp_path, **FIT)
+    first = fit_shards(tangent, data, 2, **kwargs)
+    again = fit_shards(tangent, data, 2, **kwargs)
+    assert again.assignment == first.assignment and again.key_drawn
+    assert all(states_equal(a, b) for a, b in zip(again.models, first.models))  # resumed, not retrained
+    with pytest.raises(ValueError, match="another partition"):
+        fit_shards(tangent, data, 3, **kwargs)
+    with pytest.raises(ValueError, match="another partition"):
+        fit_shards(tangent, data, 2, key=first.assignment.key + 1, **kwargs)
+    again.forget([3])
+    with pytest.raises(ValueError, match="removed"):
+        fit_shards(tangent, data, 2, **kwargs)
+    (tmp_path / "assignment.json").unlink()
+    with pytest.raises(ValueError, match="no assignment.json"):
+        fit_shards(tangent, data, 2, **kwargs)
+
+
 def test_private_shards_report_parallel_composition():
     tangent, data = tiny_task()
     shard_set = fit_shards(tangent, data, 2, epsilon=2.0, delta=1e-3, accountant="rdp", **FIT)
@@ -105,14 +154,37 @@ def test_private_shards_report_parallel_composition():
     assert report.delta == max(r.delta for r in report.per_shard)
     assert report.all_releases_epsilon == pytest.approx(report.epsilon)  # nothing retrained yet
     statement = report.statement()
-    assert "parallel composition" in statement and "public" in statement and "delta composes as the max" in statement
+    assert "parallel composition" in statement and "delta composes as the max" in statement
     assert all(r.dataset_size < len(data) for r in report.per_shard)
+    # what is assumed public, and why the published sizes may be: the key was drawn, not given
+    assert report.key_drawn and "fit_shards drew it from the OS CSPRNG" in statement
+    assert "number N of examples and each shard's size" in statement and "Multinomial(N; 1/2, ..., 1/2)" in statement
+    assert tuple(r.dataset_size for r in report.per_shard) == shard_set.assignment.sizes
+    given = fit_shards(tangent, data, 2, key=shard_set.assignment.key, epsilon=2.0, delta=1e-3, **FIT).report
+    assert not given.key_drawn and "given by the caller" in given.statement()
+    assert "fit_shards drew it" not in given.statement()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o000, 0o277], ids=oct)
+def test_out_dir_is_owner_only_whatever_the_umask(tmp_path, mask):
+    """out_dir, its new parents and everything fit_shards and forget write in it (assignment with
+    the key and content ids, removed ids, each shard's Δw, checkpoints and ledgers): 0700 / 0600."""
+    tangent, data = tiny_task(n=48)
+    out = tmp_path / "new" / "out"
+    with umask(mask):
+        shard_set = fit_shards(tangent, data, 2, out_dir=out, epsilon=4.0, delta=1e-3, **FIT)
+        shard_set.forget(shard_set.assignment.ids[3:4])
+        names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"assignment.json", "removed.json", "shard_000/delta.pt", "shard_001/round_001/ledger.jsonl"} <= names
+    key = str(shard_set.assignment.key).encode()  # as its statement says: kept in assignment.json alone
+    assert [p.name for p in out.rglob("*") if p.is_file() and key in p.read_bytes()] == ["assignment.json"]
+    assert permission_modes(tmp_path / "new") == {"dirs": {0o700}, "files": {0o600}}
 
 
 def test_parallel_workers_match_serial():
     tangent, data = tiny_task(n=48)
     serial = fit_shards(tangent, data, 2, seed=3, epsilon=None, **FIT)
-    parallel = fit_shards(tangent, data, 2, seed=3, workers=2, epsilon=None, **FIT)
+    parallel = fit_shards(tangent, data, 2, key=serial.assignment.key, seed=3, workers=2, epsilon=None, **FIT)
     for a, b in zip(serial.models, parallel.models):
         torch.testing.assert_close(a.delta_state_dict(), b.delta_state_dict(), rtol=1e-5, atol=1e-7)
 

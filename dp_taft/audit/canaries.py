@@ -1,13 +1,19 @@
-"""Canaries: the training set with the included ones, Dirac gradient injection, scores.
+"""Canaries: the training set with every canary in it, the canary-row hook, scores.
 
-Both kinds of canary are ordinary rows of one training set (real examples first, then the
-included canaries in canary order); an excluded canary is simply absent, so the claimed
-add/remove-one guarantee covers each canary.
+All m canaries are rows of the run's training set, whatever their membership bits (real
+examples first, then canary j at row ``first_row + j``), so N = real + m, hence q = B/N,
+the calibrated σ and the divisor q·N, are constants of the audit fixed before the coin
+flips. An excluded canary's row is zeroed (:class:`CanaryRows`): a row whose clipped
+gradient is 0 changes nothing in DP-SGD with a fixed divisor, so the run is exactly
+DP-SGD with the same constants on the real data plus the included canaries, and the
+claimed add/remove-one guarantee at (q, σ, T) covers each canary. (Putting only the
+included canaries in the set would let the coin flips move N, hence q, σ and the divisor
+of every step: not the mechanism that was accounted.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,10 +21,10 @@ import timm.layers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
-__all__ = ["DiracCanaries", "canary_image", "quiet_coordinates", "mislabeled", "loss_scores", "with_canaries",
-           "trainable_vector"]
+__all__ = ["CanaryRows", "canary_image", "quiet_coordinates", "mislabeled", "loss_scores", "with_canaries",
+           "trainable_vector", "dirac_scores"]
 
 
 def trainable_vector(model: nn.Module) -> torch.Tensor:
@@ -36,56 +42,98 @@ def canary_image(model: nn.Module, train_set: Dataset | None) -> torch.Tensor:
     return torch.zeros(embed.proj.in_channels, *embed.img_size)
 
 
-def with_canaries(train_set: Dataset | None, canaries: Dataset, membership: np.ndarray) -> Dataset:
-    """``train_set`` followed by the canaries whose membership bit is 1, in canary order."""
+def with_canaries(train_set: Dataset | None, canaries: Dataset) -> Dataset:
+    """``train_set`` followed by every canary, in canary order (membership is applied by :class:`CanaryRows`)."""
     if isinstance(train_set, DataLoader):
         raise ValueError("pass the real training examples as a Dataset (the audit builds the run's Poisson loader)")
-    chosen = Subset(canaries, np.flatnonzero(membership).tolist())
-    return chosen if train_set is None else ConcatDataset([train_set, chosen])
+    return canaries if train_set is None else ConcatDataset([train_set, canaries])
 
 
 @dataclass(frozen=True)
-class DiracCanaries:
-    """m gradient canaries: canary j's per-sample gradient becomes C·e_{k_j} before clipping.
+class CanaryRows:
+    """:func:`dp_taft.fit`'s grad-sample hook for the m canary rows (rows ``first_row + j``).
 
-    ``coordinates[j]`` = k_j, distinct flat indices into the trainable parameters
-    (``model.parameters()`` order, requires_grad only); ``norm`` = C, the clipping norm,
-    so clipping leaves the canary whole. ``first_row`` = number of real examples: rows at
-    positions >= it are the included canaries, in the order of ``included`` (canary ids).
+    Canary j's row is *replaced* when ``replaced[j]``: its own gradient is discarded and its
+    clipped gradient becomes ``norm``·e_{k_j} (k_j = ``coordinates[j]`` >= 0, a flat index
+    into the trainable parameters in ``model.parameters()`` order, requires_grad only; ``norm``
+    = the clipping norm C, so clipping leaves it whole) or 0 (k_j = −1). Other rows are
+    untouched. Both of fit's modes (a :class:`~dp_taft.privacy.engine.ClippedSumHook`):
+
+    * "hooks": ``__call__`` overwrites the replaced rows' per-sample gradients before Opacus
+      clips them (C·e_k is clipped by Opacus, to C·(1 − ~1e-6));
+    * "bk" (book-keeping): the replaced rows are claimed, so they skip the forward and
+      backward, and :meth:`add_clipped` adds C·e_k per sampled row to the clipped sum.
+
+    Use :meth:`dirac` (white-box canaries) or :meth:`excluded` (input-space canaries).
     """
 
-    coordinates: np.ndarray
-    norm: float
     first_row: int
-    included: np.ndarray
-    shapes: tuple[torch.Size, ...]
+    replaced: np.ndarray  # bool (m,)
+    coordinates: np.ndarray  # int (m,); −1: the replacement is the zero gradient
+    norm: float
+    shapes: tuple[torch.Size, ...]  # the trainable parameters', in order
 
-    def __call__(self, indices: torch.Tensor, params: Sequence[nn.Parameter]) -> None:
-        """The grad-sample hook (see :func:`dp_taft.fit`): overwrite the canary rows in place."""
-        if tuple(p.shape for p in params) != self.shapes:
-            raise RuntimeError("the hook got other trainable parameters than the audit chose coordinates in")
+    @classmethod
+    def dirac(cls, coordinates: np.ndarray, included: np.ndarray, *, norm: float, first_row: int,
+              shapes: tuple[torch.Size, ...]) -> "CanaryRows":
+        """Dirac canaries (Steinke et al. 2023, white-box): every canary row replaced, by C·e_{k_j} if
+        canary j is included, else by 0 (its image and label never matter)."""
+        return cls(first_row, np.ones(len(included), dtype=bool), np.where(included, coordinates, -1), norm, shapes)
+
+    @classmethod
+    def excluded(cls, included: np.ndarray, *, first_row: int, shapes: tuple[torch.Size, ...]) -> "CanaryRows":
+        """Input-space canaries: the excluded ones' rows replaced by 0; the included ones train as they are."""
+        return cls(first_row, ~np.asarray(included, dtype=bool), np.full(len(included), -1), 0.0, shapes)
+
+    def _rows(self, indices: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the batch of the replaced canary rows, their canary ids)."""
         positions = indices.cpu().numpy()
         rows = np.flatnonzero(positions >= self.first_row)
-        if rows.size == 0:
-            return
-        flat = self.coordinates[self.included[positions[rows] - self.first_row]]
+        ids = positions[rows] - self.first_row
+        keep = self.replaced[ids]
+        return rows[keep], ids[keep]
+
+    def _targets(self, ids: np.ndarray, params: Sequence[nn.Parameter]
+                 ) -> Iterator[tuple[nn.Parameter, np.ndarray, tuple[torch.Tensor, ...]]]:
+        """Per parameter holding some k_j of ``ids``: (it, which of ``ids`` it holds, their index in it)."""
+        if tuple(p.shape for p in params) != self.shapes:
+            raise RuntimeError("the hook got other trainable parameters than the audit chose coordinates in")
+        flat = self.coordinates[ids]
         starts = np.cumsum([0] + [s.numel() for s in self.shapes])
-        owner = np.searchsorted(starts, flat, side="right") - 1  # parameter holding each coordinate
+        owner = np.where(flat >= 0, np.searchsorted(starts, flat, side="right") - 1, -1)
         for i, p in enumerate(params):
-            gs = p.grad_sample
-            row_index = torch.as_tensor(rows, device=gs.device)
-            gs[row_index] = 0  # the canary's own gradient is discarded entirely
             mine = owner == i
             if mine.any():
                 where = np.unravel_index(flat[mine] - starts[i], tuple(p.shape))
-                index = (torch.as_tensor(rows[mine], device=gs.device),
-                         *(torch.as_tensor(w, device=gs.device) for w in where))
-                gs[index] = self.norm
+                yield p, mine, tuple(torch.as_tensor(w, device=p.device) for w in where)
 
-    def scores(self, before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
-        """Score per canary = −(w_T − w_0) at its coordinate: descent moves against C·e_k."""
-        k = torch.as_tensor(self.coordinates)
-        return -(after[k] - before[k]).double().numpy()
+    def __call__(self, indices: torch.Tensor, params: Sequence[nn.Parameter]) -> None:
+        """"hooks" mode: overwrite the replaced rows' per-sample gradients in place."""
+        rows, ids = self._rows(indices)
+        if rows.size == 0:
+            return
+        for p in params:
+            p.grad_sample[torch.as_tensor(rows, device=p.device)] = 0  # the canary's own gradient is discarded
+        for p, mine, where in self._targets(ids, params):
+            p.grad_sample[(torch.as_tensor(rows[mine], device=p.device), *where)] = self.norm
+
+    def claims(self, indices: torch.Tensor) -> torch.Tensor:
+        """"bk" mode: the replaced rows of the batch (bool (B,)); fit leaves them out of the backward."""
+        claimed = np.zeros(len(indices), dtype=bool)
+        claimed[self._rows(indices)[0]] = True
+        return torch.from_numpy(claimed)
+
+    def add_clipped(self, indices: torch.Tensor, params: Sequence[nn.Parameter]) -> None:
+        """"bk" mode: add C·e_{k_j} to the clipped sum ``p.grad`` for each claimed row (``indices``)."""
+        _, ids = self._rows(indices)
+        for p, mine, where in self._targets(ids, params):
+            p.grad.index_put_(where, p.grad.new_full((int(mine.sum()),), self.norm), accumulate=True)
+
+
+def dirac_scores(coordinates: np.ndarray, before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
+    """Score per Dirac canary = −(w_T − w_0) at its coordinate k_j: descent moves against C·e_k."""
+    k = torch.as_tensor(coordinates)
+    return -(after[k] - before[k]).double().numpy()
 
 
 def quiet_coordinates(model: nn.Module, train_set: Dataset | None, m: int, rng: np.random.Generator,

@@ -18,9 +18,17 @@ _BOUND_NAMES = {
            "ε read off the rejected μ-GDP curve; a bound on ε only for Gaussian mechanisms (full-batch DP-SGD)",
 }
 _CANARY_NAMES = {
-    "dirac": "white-box Dirac gradient canaries (per-sample gradient C·e_k injected before clipping; "
-             "score = −Δw_k)",
-    "input": "input-space canaries (examples added to the training set; score = −loss of the trained model)",
+    "dirac": "white-box Dirac gradient canaries (every canary row replaced: clipped gradient C·e_k if included, "
+             "0 if not; score = −Δw_k)",
+    "input": "input-space canaries (examples in the training set, an excluded one's row replaced by 0; "
+             "score = −loss of the trained model)",
+}
+# How each of fit's modes replaces a canary row.
+_MODE_NAMES = {
+    "hooks": "grad_sample_mode 'hooks' (Opacus' per-sample gradients: a replaced row's is overwritten before Opacus "
+             "clips it)",
+    "bk": "grad_sample_mode 'bk' (book-keeping, fit's default path: a replaced row skips the backward and its "
+          "clipped gradient is added to the book-keeping clipped sum)",
 }
 
 
@@ -35,7 +43,8 @@ class AuditResult:
     ``target_epsilon`` is None too). ``m`` canaries, ``included`` of them in the training
     set; ``r`` guesses (``k_in`` "in", ``k_out`` "out"), ``v`` right, the best of
     ``fractions`` (each tested at level (1 − confidence)/len(fractions)).
-    ``noise_multiplier`` σ, ``sample_rate`` q and ``steps`` T of the run;
+    ``noise_multiplier`` σ, ``sample_rate`` q and ``steps`` T of the run; ``grad_sample_mode``:
+    the path fit ran, "bk" (book-keeping, fit's default where it applies) or "hooks";
     ``wall_time_s``: seconds for the whole audit (data, training, scoring, bound).
     ``scores``/``membership``: per canary, kept so that :meth:`with_bound` can re-analyse.
     """
@@ -57,6 +66,7 @@ class AuditResult:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    grad_sample_mode: str
     wall_time_s: float
     scores: tuple[float, ...] = dataclasses.field(repr=False)
     membership: tuple[bool, ...] = dataclasses.field(repr=False)
@@ -86,7 +96,8 @@ class AuditResult:
         lines = [
             f"One-run privacy audit: {self.m} {_CANARY_NAMES[self.canary]}, each included with probability 1/2 "
             f"({self.included} were); one training run of {self.steps} DP-SGD steps at sample rate "
-            f"{self.sample_rate:.4g}, noise multiplier {self.noise_multiplier:.4g}.",
+            f"{self.sample_rate:.4g}, noise multiplier {self.noise_multiplier:.4g}; "
+            f"{_MODE_NAMES[self.grad_sample_mode]}.",
             f"Guesses: {self.r} ({self.k_in} 'in', {self.k_out} 'out'), {self.v} right; the best of "
             f"{len(self.fractions)} guess counts declared in advance, union-bounded.",
             f"Bound: {_BOUND_NAMES[self.bound]}.",
@@ -112,15 +123,17 @@ class AuditResult:
         return "\n".join(lines)
 
     def __post_init__(self) -> None:
-        if self.bound not in BOUNDS or self.canary not in _CANARY_NAMES:
-            raise ValueError(f"unknown bound {self.bound!r} or canary kind {self.canary!r}")
+        if self.bound not in BOUNDS or self.canary not in _CANARY_NAMES or self.grad_sample_mode not in _MODE_NAMES:
+            raise ValueError(f"unknown bound {self.bound!r}, canary kind {self.canary!r} or grad_sample_mode "
+                             f"{self.grad_sample_mode!r}")
 
 
 _LIMITS = {
-    "dirac": ("What it covers: Poisson sampling, per-sample clipping at C, the noise actually added and the "
-              "accountant's ε for this (q, σ, T). What it cannot see: how real examples' per-sample gradients are "
-              "computed (they are replaced for the canaries), leaks outside the trained weights, and privacy "
-              "of configurations other than this one."),
+    "dirac": ("What it covers: Poisson sampling, the summing of the clipped gradients over physical batches, "
+              "the noise actually added, the divisor and the accountant's ε for this (q, σ, T); in 'hooks' mode "
+              "also Opacus' clipping of the canary rows. What it cannot see: how real examples' per-sample "
+              "gradients and norms are computed (the canaries' are replaced; in 'bk' mode they are added already "
+              "clipped), leaks outside the trained weights, and privacy of configurations other than this one."),
     "input": ("What it covers: the whole pipeline end to end, as an outside attacker sees it. It is weak: "
               "input canaries' influence on the final loss is far from the worst case, so a small ε_lb says "
               "little about the true ε."),

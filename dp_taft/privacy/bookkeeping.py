@@ -25,6 +25,7 @@ batches, adds the noise σ·C and scales, exactly as in ghost mode. See
 from __future__ import annotations
 
 import math
+from typing import Any
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,12 +38,11 @@ import torch.nn.functional as F
 from ..tangent import UnsupportedModelError
 from ..tangent.layerscale import DeltaScale
 from ..tangent.linear import DeltaLinear, per_sample_gradients_only
+from .bk_kernels import by_chunks, direct_sq, flat, ghost_sq, norm_method, weighted_gram
 
 __all__ = ["BK_RULES", "BookKeepingModule", "make_bk_module", "register_bk_rule", "require_bk_layers", "norm_method",
            "trainable_layers"]
 
-#: Largest temporary (elements) a norm or clipped-sum chunk may allocate; the batch is split to fit.
-CHUNK_ELEMENTS = 1 << 24
 NORM_METHODS = ("auto", "ghost", "direct")
 
 
@@ -59,7 +59,7 @@ class _LinearState:
 
     def clipped_sum(self, w: torch.Tensor) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
         if self.a is not None:
-            yield self.weight, _weighted_gram(self.g, self.a, w).view_as(self.weight)
+            yield self.weight, weighted_gram(self.g, self.a, w).view_as(self.weight)
         if self.g_sum is not None:
             yield self.bias, w @ self.g_sum
 
@@ -92,69 +92,16 @@ def register_bk_rule(*classes: type[nn.Module]) -> Callable[[Rule], Rule]:
     return decorate
 
 
-def norm_method(tokens: int, d_in: int, d_out: int) -> str:
-    """"ghost" or "direct": the cheaper way to get ‖A_iᵀG_i‖² for one example.
-
-    Ghost forms two T×T Gram matrices, T²·(d_in + d_out) multiply-adds; direct forms the
-    d_out×d_in per-example gradient, T·d_in·d_out. Ghost wins iff T·(d_in+d_out) <= d_in·d_out.
-    """
-    return "ghost" if tokens * (d_in + d_out) <= d_in * d_out else "direct"
-
-
-def _chunks(total: int, per_item: int) -> Iterator[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(per_item, 1))
-    for start in range(0, total, step):
-        yield slice(start, min(start + step, total))
-
-
-def _by_chunks(fn: Callable[..., torch.Tensor], per_item: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """fn over batch chunks of ``tensors`` (at most CHUNK_ELEMENTS temporaries each), results concatenated."""
-    parts = [fn(*(t[s] for t in tensors)) for s in _chunks(tensors[0].shape[0], per_item)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else tensors[0].new_zeros(0)
-
-
-def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖A_iᵀG_i‖² = ⟨A_iA_iᵀ, G_iG_iᵀ⟩ for every example i of the chunk."""
-    gram_a = torch.bmm(a, a.transpose(1, 2)).flatten(1)
-    return torch.linalg.vecdot(gram_a, torch.bmm(g, g.transpose(1, 2)).flatten(1)).clamp_(min=0)
-
-
-def _direct_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖A_iᵀG_i‖² from the chunk's per-example gradients."""
-    per_example = torch.bmm(g.transpose(1, 2), a).flatten(1)
-    return torch.linalg.vecdot(per_example, per_example)
-
-
-def _weighted_gram(g: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Σ_i w_i G_iᵀ A_i (d_out, d_in) as matmuls over the B·M rows, scaling the narrower side."""
-    b, m, d_in = a.shape
-    d_out = g.shape[2]
-    out = None
-    for s in _chunks(b, m * min(d_in, d_out)):
-        ws = w[s, None, None]
-        if d_out <= d_in:
-            left, right = (g[s] * ws).reshape(-1, d_out).T, a[s].reshape(-1, d_in)
-        else:
-            left, right = g[s].reshape(-1, d_out).T, (a[s] * ws).reshape(-1, d_in)
-        out = torch.mm(left, right) if out is None else out.addmm_(left, right)
-    return a.new_zeros(d_out, d_in) if out is None else out
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """(B, ..., d) -> (B, M, d), M the product of the middle dimensions (1 for (B, d))."""
-    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
-
-
 @register_bk_rule(DeltaLinear, nn.Linear)
 def _linear_rule(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, owner: "BookKeepingModule") -> _LinearState:
-    a, g = owner.nonzero_rows(layer, _flat(a.to(g.dtype)), _flat(g))
+    a, g = owner.nonzero_rows(layer, flat(a.to(g.dtype)), flat(g))
     b, m, d_in = a.shape
     parts = []
     keep = layer.weight.requires_grad
     if keep:
         use = norm_method(m, d_in, g.shape[2]) if owner.norm_method == "auto" else owner.norm_method
         chunk_size = 2 * m * m if use == "ghost" else d_in * g.shape[2]  # temporaries per example
-        parts.append(_by_chunks(_ghost_sq if use == "ghost" else _direct_sq, chunk_size, a, g))
+        parts.append(by_chunks(ghost_sq if use == "ghost" else direct_sq, chunk_size, a, g))
     bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
     g_sum = g.sum(dim=1) if bias is not None else None
     if g_sum is not None:
@@ -238,6 +185,8 @@ class BookKeepingModule(nn.Module):
         self._pass = _Pass()
         self._capturing = False
         self._rows: dict[nn.Module, tuple[int, torch.Tensor | None, torch.Tensor | None]] = {}
+        self._rows_found = False  # by a public dummy pass (_find_rows), before the first real batch
+        self._probing = False
         self._pending_check: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         self.defer_row_checks = False  # CPU: check before writing .grad (CUDA always defers, see _check_rows)
         self._handles = [m.register_forward_hook(self._capture) for m in self._layers]
@@ -246,6 +195,11 @@ class BookKeepingModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._settle_checks()
+        if not self._rows_found and self._module.training and torch.is_grad_enabled():
+            self._find_rows(args, kwargs)
+        return self._booked_forward(*args, **kwargs)
+
+    def _booked_forward(self, *args, **kwargs):
         self._pass = _Pass()  # a pass whose backward never ran is dropped
         self._capturing = True  # only forwards through this wrapper are booked
         try:
@@ -253,6 +207,41 @@ class BookKeepingModule(nn.Module):
                 return self._module(*args, **kwargs)
         finally:
             self._capturing = False
+
+    def _find_rows(self, args: tuple, kwargs: dict) -> None:
+        """Decide which token rows each layer may drop from a public dummy pass, not from data.
+
+        Two examples of Gaussian noise with the real batch's shape (shape, dtype and device only)
+        and a Gaussian output gradient, from a fixed public seed: a row that is zero for them is
+        zero for every input (token pooling), any other row is non-zero with probability 1. So
+        the choice never depends on the private data, and no later batch can contradict it
+        (only NaN/inf can, see :meth:`_check_rows`; or a model whose zero rows depend on its
+        input, which no layer here has). Nothing of the pass is kept but the rows; its own
+        draws come from a private generator (a dropout left active in the module would still
+        draw from torch's global one).
+        """
+        tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+        self._rows_found = True
+        if not tensors or not all(t.is_floating_point() and t.dim() >= 1 for t in tensors):
+            return  # not an image/feature input: every row is kept (exact, only slower)
+        gen = torch.Generator(device=tensors[0].device).manual_seed(0)
+
+        def dummy(t: Any) -> Any:
+            if not torch.is_tensor(t):
+                return t
+            return torch.randn((2, *t.shape[1:]), generator=gen, device=t.device, dtype=t.dtype)
+
+        self._probing = True
+        try:
+            out = self._booked_forward(*map(dummy, args), **{k: dummy(v) for k, v in kwargs.items()})
+            if out.requires_grad:
+                out.backward(torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype))
+        finally:
+            self._probing = False
+            self._pass = _Pass()
+            for p in self._params:
+                p.grad = None
+            self.per_sample_gradient_norms = self.clip_factors = None
 
     def to_standard_module(self) -> nn.Module:
         """Remove the hooks and return the wrapped module (as Opacus' GradSampleModule does)."""
@@ -268,20 +257,23 @@ class BookKeepingModule(nn.Module):
 
         A row t with G[:, t] = 0 adds exactly nothing to any A_iᵀG_i. With token pooling, the
         last block's proj, fc1 and fc2 only matter through the class token: their norms and
-        clipped sums then cost 1/T of the dense ones. Which rows are zero is structural, so it
-        is found once per layer (one host sync) and cached; later passes only check, on the
-        device, that the dropped rows are still zero (:meth:`_check_rows`). Dropping a row
-        wrongly would not weaken privacy, since norms and clipped sums use the same rows.
+        clipped sums then cost 1/T of the dense ones. Which rows are zero is structural: it is
+        found once per layer from the public dummy pass of :meth:`_find_rows` (one host sync)
+        and cached; real passes only check, on the device, that the dropped rows are still
+        zero (:meth:`_check_rows`), and a layer the dummy pass did not settle (another token
+        count) keeps every row. Dropping a row wrongly would not weaken privacy, since norms
+        and clipped sums use the same rows.
         """
         b, m, _ = g.shape
         if b == 0 or m == 1:
             return a, g
         cached = self._rows.get(layer)
-        if cached is not None and cached[0] == m and cached[1] is None:
-            return a, g  # dense layer: nothing to find or check
+        settled = cached is not None and cached[0] == m
+        if (settled and cached[1] is None) or not (settled or self._probing):
+            return a, g  # dense, or not settled by the dummy pass: never decided from private data
         hi, lo = g.amax(dim=2).amax(dim=0), g.amin(dim=2).amin(dim=0)  # (M,); no temporary of G's size
-        if cached is None or cached[0] != m:
-            keep = (hi != 0) | (lo != 0)  # NaN rows are kept
+        if not settled:
+            keep = (hi != 0) | (lo != 0)
             dense = bool(keep.all())  # host sync: first pass of this layer only
             cached = (m, None, None) if dense else (m, keep.nonzero().squeeze(1), ~keep)
             self._rows[layer] = cached
@@ -324,6 +316,7 @@ class BookKeepingModule(nn.Module):
 
     def _rows_failed(self, *, deferred: bool) -> None:
         self._rows.clear()
+        self._rows_found = False
         for p in [] if deferred else self._params:  # autograd's unclipped LayerNorm/scale sums: never step on them
             p.grad = None
         what = ("the previous batch's update was computed without them: still differentially private (its norms "
@@ -331,7 +324,8 @@ class BookKeepingModule(nn.Module):
                 else "nothing was written to .grad (cleared): rerun this batch")
         raise RuntimeError(
             "book-keeping: token rows whose output gradient was zero in earlier batches were not zero (or "
-            f"held NaN/inf); {what}. The row cache is cleared and will be rebuilt."
+            f"held NaN/inf); {what}. Check the batch for NaN/inf; the row cache is cleared and found again from "
+            "a dummy pass (if this repeats, the model's zero rows depend on its input: use grad_sample_mode='hooks')."
         )
 
     def _capture(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

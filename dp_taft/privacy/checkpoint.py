@@ -4,22 +4,72 @@ The ledger is the truth of what was spent. Steps are *reserved* (appended and fs
 before they run, in blocks, so a crash at any instant leaves a ledger that counts every
 step that may have drawn noise -- possibly a few more, never fewer. The write-ahead
 costs one fsync per block, not per step.
+
+Everything here is owner-only whatever the process umask: directories 0700
+(:func:`private_dir`), files 0600 (:func:`atomic_save`, :func:`write_private_text`, the
+ledger). Checkpoints hold the run's secret key; the helpers serve the library's other private
+files too (a shard assignment holds content ids of private examples and the partition key).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import accounting
 import torch
 
-__all__ = ["atomic_save", "fsync_dir", "load_checkpoint", "Ledger", "CHECKPOINT_FILE", "LEDGER_FILE"]
+__all__ = ["atomic_save", "write_private_text", "private_dir", "open_private", "fsync_dir", "load_checkpoint", "Ledger",
+           "CHECKPOINT_FILE", "LEDGER_FILE", "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGER_FILE = "ledger.jsonl"
+PRIVATE_DIR_MODE = 0o700  # owner only: read, write, enter
+PRIVATE_FILE_MODE = 0o600  # owner only: read, write
+
+
+def private_dir(path: str | Path) -> Path:
+    """``path`` as an owner-only (0700) directory, whatever the umask; returns it as a Path.
+
+    Missing parents are created 0700 too (they lead only to private data); parents that
+    already exist are left alone. ``path`` itself is made 0700 even if it existed: it is
+    dedicated to private data (a checkpoint, shard or cache directory), and a umask-made
+    0755 would let every local user list and read what the library writes into it.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    parent = path
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:  # made meanwhile by another rank or worker: chmod'ed below if it is ``path``
+            continue
+        os.chmod(directory, PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory: name a directory for private files")
+    if path.stat().st_uid != os.geteuid():
+        raise PermissionError(f"{path} belongs to another user, so it cannot be made owner-only (0700): name a "
+                              "directory of your own for private files, e.g. a new sub-directory")
+    os.chmod(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def open_private(path: Path, flags: int) -> int:
+    """A file descriptor of ``path`` opened with ``flags`` (O_CREAT added), mode 0600 whatever the umask
+    (fchmod also tightens a file that an older version created with the umask's mode)."""
+    fd = os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(directory: Path) -> None:
@@ -31,20 +81,31 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to an owner-only (0600) temporary file, fsync, then rename over ``path``.
-
-    A crash leaves either the old or the new file, never a torn one. Owner-only because
-    checkpoints hold the run's secret key and generator states (and prefix-cache markers
-    hold private labels): anyone who reads them can replay the noise.
-    """
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """``write`` into an owner-only (0600) temporary file beside ``path``, fsync, then rename
+    over ``path``: a crash leaves either the old or the new file, never a torn one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        torch.save(obj, f)
+    with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically and owner-only (0600).
+
+    Owner-only because checkpoints hold the run's secret key and generator states (and
+    prefix-cache markers hold private labels): anyone who reads them can replay the noise.
+    """
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_private_text(path: str | Path, text: str) -> None:
+    """``text`` (UTF-8) to ``path``, atomically and owner-only (0600) whatever the umask:
+    for small private files such as a shard assignment (content ids and the partition key)."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -143,7 +204,8 @@ class Ledger:
         """Append and fsync "``steps`` more steps at (σ, q)" before any of them runs."""
         if self.path is not None:
             line = json.dumps({"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps})
-            with open(self.path, "a", encoding="utf-8") as f:
+            # Owner-only like everything in a checkpoint directory, whatever the umask.
+            with os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8") as f:
                 f.write(line + "\n")
                 f.flush()
                 os.fsync(f.fileno())

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -19,16 +20,34 @@ from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 from ..tangent import per_sample_gradients_only
-from .bookkeeping import make_bk_module
+from .bookkeeping import BookKeepingModule, make_bk_module
 from .distributed import Comm
 from .randomness import NoiseStream, noise_optimizer_class
 
-__all__ = ["GradSampleHook", "PrivateEngine", "NO_CLIP"]
+__all__ = ["GradSampleHook", "ClippedSumHook", "PrivateEngine", "NO_CLIP"]
 
 #: ``hook(indices, params)``: after a physical batch's backward, before Opacus clips it.
 #: ``indices``: positions in the training set of the batch's rows; ``params``: the trainable
 #: parameters, each with ``.grad_sample`` (B, *shape) that the hook may overwrite in place.
 GradSampleHook = Callable[[torch.Tensor, Sequence[nn.Parameter]], None]
+
+
+@runtime_checkable
+class ClippedSumHook(Protocol):
+    """A :data:`GradSampleHook` that also runs in book-keeping mode, where no per-sample gradient exists.
+
+    Per non-empty physical batch, ``claims(indices)`` -> bool (B,) marks the rows whose
+    gradients the hook supplies itself. Those rows are left out of the forward and backward,
+    so nothing of their own reaches the clipped sum; after the backward of the other rows
+    (each ``p.grad`` = their clipped sum Σ c_i g_i), ``add_clipped(indices, params)`` gets
+    the claimed rows' positions and adds to ``p.grad`` one already clipped gradient (norm
+    <= C, trusted, not re-clipped) per claimed row. Opacus then noises and scales the sum.
+    """
+
+    def claims(self, indices: torch.Tensor) -> torch.Tensor: ...
+
+    def add_clipped(self, indices: torch.Tensor, params: Sequence[nn.Parameter]) -> None: ...
+
 
 # Non-private training runs the same Opacus path with σ = 0 and a clipping norm no
 # gradient reaches (clip factor min(1, C/‖g‖) = 1); C·σ = 0 exactly, so no noise.
@@ -106,6 +125,12 @@ class PrivateEngine:
         for g in samples:
             g.mul_(factor.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
 
+    def _claimed(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """Book-keeping mode with a hook: the rows it claims (bool, on the CPU); else None."""
+        if self.hook is None or not isinstance(self.gsm, BookKeepingModule) or len(indices) == 0:
+            return None
+        return self.hook.claims(indices).cpu()
+
     @contextmanager
     def training(self) -> Iterator[None]:
         """Train mode for the block; afterwards Opacus' hooks are removed and the model is in eval mode."""
@@ -133,6 +158,9 @@ class PrivateEngine:
         """
         before = self.executed
         loss_sum = 0.0
+        claimed = self._claimed(indices)
+        if claimed is not None:  # a ClippedSumHook's rows: never forwarded, their gradients come from the hook
+            x, y = x[~claimed.to(x.device)], y[~claimed.to(y.device)]
         if len(y) == 0:
             # An empty Poisson batch still releases a noisy (all-noise) update: skipping it
             # would reveal that the batch was empty, which the accounting does not cover.
@@ -142,11 +170,13 @@ class PrivateEngine:
         else:
             batch_loss = self.loss_fn(self.gsm(x), y)
             batch_loss.backward()
-            if self.hook is not None:
+            if self.hook is not None and claimed is None:
                 self.hook(indices, self.optimizer.params)
             if self.normalize is not None:
                 self._normalize(*self.normalize)
             loss_sum = float(batch_loss.item()) * len(y)
+        if claimed is not None:
+            self.hook.add_clipped(indices[claimed], self.optimizer.params)
         self.optimizer.step()
         self.optimizer.zero_grad()
         return loss_sum, self.executed != before

@@ -119,6 +119,7 @@ class EpochLoop:
     augment: Callable[[torch.Tensor], torch.Tensor] | None
     num_workers: int
     quiet: bool
+    show_loss: bool  # the running training loss is noiseless (not private): shown only on request
     after_step: Callable[[], None] | None = None  # e.g. the LR schedule and the iterate average
 
     def run(self, run: RunState, data: Dataset, desc: str, save: Callable[[], None]) -> bool:
@@ -143,7 +144,8 @@ class EpochLoop:
                     x = x.to(self.device)
                     if self.augment is not None and len(y):
                         x = self.augment(x)
-                    batch_loss, stepped = self.engine.physical_step(x, y.to(self.device), indices)
+                    with self.comm.guarded():
+                        batch_loss, stepped = self.engine.physical_step(x, y.to(self.device), indices)
                     loss_sum, seen = loss_sum + batch_loss, seen + len(y)
                     if not stepped:
                         continue  # more physical batches of the same logical batch follow
@@ -165,19 +167,21 @@ class EpochLoop:
         want = min(self.block, self.plan.steps_per_epoch - run.in_epoch)  # blocks end at epoch ends
         if self.plan.epsilon is None:
             return want, False
-        granted = 0
-        if self.ledger is not None:  # the main rank decides and writes ahead, before any noise
+
+        def decide() -> int:  # the main rank decides and writes ahead, before any noise
             sigma, q = self.plan.noise_multiplier, self.plan.sample_rate
-            granted = self.ledger.affordable(sigma, q, want)
-            if granted:
-                self.ledger.reserve(sigma, q, granted)
-        granted = self.comm.broadcast(granted)
+            allowed = self.ledger.affordable(sigma, q, want)
+            if allowed:
+                self.ledger.reserve(sigma, q, allowed)
+            return allowed
+
+        granted = self.comm.broadcast(self.comm.on_main(decide))
         return granted, granted < want
 
     def _progress(self, bar: tqdm, loss_sum: float, seen: int) -> None:
         if self.quiet:
             return
-        postfix = {"loss": f"{loss_sum / max(seen, 1):.4f}"}
+        postfix = {"loss (not private)": f"{loss_sum / max(seen, 1):.4f}"} if self.show_loss else {}
         if self.ledger is not None:  # ε of the reserved steps, the block in flight included
             postfix["eps"] = f"{self.ledger.epsilon():.3f}"
         bar.update(1)

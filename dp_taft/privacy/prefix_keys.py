@@ -1,25 +1,39 @@
-"""What identifies a stored prefix cache: what the model's prefix computes, which data, which storage dtype.
+"""What names a stored prefix cache, under a secret salt: the prefix, every example of the data, the dtype.
 
-:func:`cache_key` names a cache in a ``cache_dir``; a stored cache is reused only under the same key.
+Every name in a ``cache_dir`` is an HMAC-SHA256 keyed with :data:`SALT_BYTES` random bytes
+kept owner-only in that directory (:func:`load_salt`): the names depend on private data,
+and without the salt an adversary who knows all examples but one cannot test guesses of the
+last against them. :class:`CacheKey` names the caches of one prefix, size N and dtype (its
+``group``) and, within it, the one of one data set (:meth:`CacheKey.name` of its digest).
+A data set's digest covers every example: :func:`tensor_digest` hashes a plain
+TensorDataset's tensors whole; other data sets are hashed example by example as they are
+read (:class:`HashedExamples`, :func:`stream_digest`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["cache_key", "prefix_fingerprint", "data_fingerprint", "FORMAT", "FULL_HASH_BYTES", "SAMPLE_EXAMPLES"]
+from .checkpoint import fsync_dir
 
-FORMAT = "dp_taft.prefix_cache/1"
-#: TensorDatasets up to this size (bytes) are fingerprinted from all their bytes; other data
-#: from N and :data:`SAMPLE_EXAMPLES` evenly spaced examples (see :func:`data_fingerprint`).
-FULL_HASH_BYTES = 1 << 30
-SAMPLE_EXAMPLES = 256
+__all__ = ["CacheKey", "HashedExamples", "load_salt", "prefix_fingerprint", "stream_digest", "tensor_digest",
+           "FORMAT", "SALT_FILE", "SALT_BYTES"]
+
+FORMAT = "dp_taft.prefix_cache/2"
+SALT_FILE = "salt"
+SALT_BYTES = 32
 
 
 def _hash_tensor(digest: Any, t: torch.Tensor) -> None:
@@ -77,30 +91,116 @@ def prefix_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(dataset: Dataset) -> str:
-    """SHA-256 of the examples as the prefix sees them (after the dataset's own transforms).
+def load_salt(directory: Path) -> bytes:
+    """``directory``'s secret salt (:data:`SALT_BYTES` bytes), created at first use, mode 0600.
 
-    A TensorDataset up to :data:`FULL_HASH_BYTES` is hashed whole (it is in RAM: about a
-    second per GiB). Anything else is hashed from N and :data:`SAMPLE_EXAMPLES` evenly
-    spaced examples, first and last included: reading every example again would cost a
-    decode and transform of the whole data set on every reuse. A different split,
-    subsample, transform or order changes the sampled examples with near certainty; an
-    in-place edit of unsampled examples does not, so give changed data a new cache_dir.
+    Written whole to a private temporary file, then hard-linked to :data:`SALT_FILE`; the
+    link fails when another process (a torchrun rank, a shard worker) got there first, so
+    every process sharing the directory reads the same salt and none a half-written one.
     """
-    n = len(dataset)
-    digest = hashlib.sha256(f"{type(dataset).__qualname__};n={n}".encode())
-    tensors = dataset.tensors if isinstance(dataset, TensorDataset) else None
-    if tensors is not None and sum(t.numel() * t.element_size() for t in tensors) <= FULL_HASH_BYTES:
-        for t in tensors:
-            _hash_tensor(digest, t)
-        return digest.hexdigest()
-    for i in sorted({round(j * (n - 1) / max(1, SAMPLE_EXAMPLES - 1)) for j in range(min(n, SAMPLE_EXAMPLES))}):
-        for value in dataset[i]:
-            _hash_tensor(digest, torch.as_tensor(value))
+    path = directory / SALT_FILE
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(prefix=f".{SALT_FILE}.", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)  # mkstemp's 0600 less the umask: owner-only whatever the umask
+                f.write(os.urandom(SALT_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            fsync_dir(directory)
+        except FileExistsError:  # another process linked its salt first: read that one
+            pass
+        finally:
+            os.unlink(tmp)
+    salt = path.read_bytes()
+    if len(salt) != SALT_BYTES:
+        raise RuntimeError(f"{path} holds {len(salt)} bytes, not a {SALT_BYTES}-byte prefix-cache salt: delete "
+                           f"{directory} (its caches cannot be named without their salt)")
+    return salt
+
+
+def _hmac(salt: bytes, start: bytes) -> Any:
+    # SHA-256 rather than BLAKE2b: with the SHA extensions of current CPUs it is the faster of the two
+    # (measured here: 1.2 vs 1.1 GB/s on an idle core, 0.9 vs 0.5 under load)
+    return hmac.new(salt, start, hashlib.sha256)
+
+
+def _keyed(salt: bytes, fields: list[Any]) -> str:
+    return _hmac(salt, json.dumps(fields).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, repr=False)  # no repr: the salt is secret, N may be
+class CacheKey:
+    """Names of the caches of one prefix, size N and storage dtype in a directory whose salt is ``salt``."""
+
+    salt: bytes
+    fields: tuple[str, str, int, str]  # (FORMAT, prefix fingerprint, N, dtype)
+
+    @classmethod
+    def of(cls, salt: bytes, model: nn.Module, n: int, dtype: torch.dtype) -> "CacheKey":
+        return cls(salt, (FORMAT, prefix_fingerprint(model), n, str(dtype)))
+
+    @property
+    def group(self) -> str:
+        """16 hex digits that every cache of this prefix, N and dtype begins with (data sets apart)."""
+        return _keyed(self.salt, list(self.fields))[:16]
+
+    def name(self, data_digest: str) -> str:
+        """``group-`` and 32 hex digits: the cache of this prefix, N and dtype over the data of ``data_digest``."""
+        return f"{self.group}-{_keyed(self.salt, [*self.fields, data_digest])}"
+
+
+def tensor_digest(dataset: Dataset, salt: bytes) -> str | None:
+    """Keyed digest of a plain TensorDataset from all its tensors' bytes (in RAM: about a second
+    per GiB, no pass over the examples); None for any other data set, subclasses included
+    (their ``__getitem__`` may transform)."""
+    if type(dataset) is not TensorDataset:
+        return None
+    digest = _hmac(salt, b"tensors")
+    for t in dataset.tensors:
+        _hash_tensor(digest, t)
     return digest.hexdigest()
 
 
-def cache_key(model: nn.Module, dataset: Dataset, dtype: torch.dtype) -> str:
-    """32 hex digits naming a stored cache: format, prefix and data fingerprints, storage dtype."""
-    blob = json.dumps([FORMAT, prefix_fingerprint(model), data_fingerprint(dataset), str(dtype)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+def _hash_example(digest: Any, example: Iterable[Any]) -> None:
+    for value in example:  # (image, label), as the data set returns them
+        _hash_tensor(digest, torch.as_tensor(value))
+
+
+class HashedExamples(Dataset):
+    """``dataset`` whose examples are hashed, keyed with ``salt``, as they are read in order 0, 1, ..., N - 1.
+
+    ``hexdigest()`` is then the digest of the whole data set, the one :func:`stream_digest`
+    computes: of what the prefix saw, read once. Read it in this process (a DataLoader without
+    workers, unshuffled): the hash state lives here.
+    """
+
+    def __init__(self, dataset: Dataset, salt: bytes) -> None:
+        self.dataset, self._digest, self._next = dataset, _hmac(salt, b"examples"), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        if i != self._next:  # the digest is of the examples in order
+            raise RuntimeError(f"HashedExamples read example {i} where {self._next} was next")
+        example = self.dataset[i]
+        _hash_example(self._digest, example)
+        self._next += 1
+        return example
+
+    def hexdigest(self) -> str:
+        if self._next != len(self):
+            raise RuntimeError(f"{self._next} of {len(self)} examples hashed: the digest would not cover them all")
+        return self._digest.hexdigest()
+
+
+def stream_digest(dataset: Dataset, salt: bytes, progress: Callable[[Iterable[int]], Iterable[int]]) -> str:
+    """Keyed digest of every example of ``dataset`` (as :class:`HashedExamples` computes it), each
+    read (decoded, transformed) and hashed once, no prefix computed; ``progress`` wraps the
+    positions (a progress bar)."""
+    digest = _hmac(salt, b"examples")
+    for i in progress(range(len(dataset))):
+        _hash_example(digest, dataset[i])
+    return digest.hexdigest()

@@ -8,7 +8,9 @@ So, by default, the run's key is 128 bits from the operating system's CSPRNG
 generator keyed with all of it: numpy's PCG64DXSM through ``SeedSequence`` (128-bit state)
 for the Poisson coin flips and, on CPU, the noise. torch's CPU generator is never seeded
 with it: MT19937's ``manual_seed`` keeps only 32 bits, few enough to search. On CUDA the
-noise comes from torch's Philox generator, whose seed is a full 64 bits.
+noise comes from torch's Philox generator, keyed by 126 bits of the run key
+(:func:`philox_state`): its 64-bit seed and a secret starting counter offset. A 64-bit seed
+alone would leave 64 bits to search, whatever the key's length.
 
 ``secure_mode`` goes further, as Opacus' ``secure_mode`` does: the Gaussian noise and the
 Poisson coin flips are drawn from the OS CSPRNG itself (``os.urandom``), never from a
@@ -30,8 +32,8 @@ import torch
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-__all__ = ["secret_seed", "derive_seed", "keyed_generator", "csprng_uniform", "secure_normal", "NoiseStream",
-           "PoissonSampler", "noise_optimizer_class"]
+__all__ = ["secret_seed", "derive_seed", "philox_state", "keyed_generator", "csprng_uniform", "secure_normal",
+           "NoiseStream", "PoissonSampler", "noise_optimizer_class"]
 
 #: Gaussian draws summed per noise coordinate in secure mode (Holohan and Braghin 2021, n = 2).
 SECURE_DRAWS = 4
@@ -45,9 +47,24 @@ def secret_seed() -> int:
 
 def derive_seed(seed: int, *keys: int) -> int:
     """Independent 64-bit seed per (seed, stream id, ...), so that streams never overlap
-    (for generators that take 64 bits: torch's CUDA Philox, a sub-run's explicit seed)."""
+    (for what takes 64 bits: a sub-run's explicit seed, the augmentation generator)."""
     low, high = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
     return int(low) | int(high) << 32
+
+
+def philox_state(seed: int, *keys: int) -> torch.Tensor:
+    """A CUDA Philox generator state (``torch.Generator.set_state``) keyed by ``seed`` and ``keys``.
+
+    torch's CUDA state is a 64-bit seed and a 64-bit counter offset, which must be a multiple
+    of 4 (it counts 32-bit draws in blocks of four); both are drawn from SeedSequence's mix of
+    the whole key, so the stream depends on 64 + 62 = 126 bits of it: knowing the seed, one
+    must still find where in that seed's stream (2^62 positions) the run started. The offset
+    may start anywhere: torch advances it modulo 2^64.
+    """
+    words = np.random.SeedSequence([seed, *keys]).generate_state(4, dtype=np.uint32).astype(np.uint64)
+    philox_seed = int(words[0] | words[1] << np.uint64(32))
+    offset = int(words[2] | words[3] << np.uint64(32)) & ~3  # a multiple of 4: 62 random bits
+    return torch.tensor(np.array([philox_seed, offset], dtype=np.uint64).view(np.int64)).view(torch.uint8)
 
 
 def keyed_generator(seed: int, *keys: int) -> np.random.Generator:
@@ -110,7 +127,7 @@ class NoiseStream:
 
     ``"secure"``: the OS CSPRNG (:func:`secure_normal`); ``"keyed"`` (CPU): the keyed
     PCG64DXSM generator of (run key, stream); ``"cuda"``: torch's Philox generator on the
-    device, seeded with 64 bits. :meth:`state` / :meth:`load_state` make a clean resume exact.
+    device, keyed by 126 bits of (run key, stream) (:func:`philox_state`). :meth:`state` / :meth:`load_state` make a clean resume exact.
     """
 
     def __init__(self, device: torch.device, secure: bool) -> None:
@@ -120,7 +137,7 @@ class NoiseStream:
 
     def seed(self, seed: int, *keys: int) -> None:
         if self.kind == "cuda":
-            self.generator.manual_seed(derive_seed(seed, *keys))
+            self.generator.set_state(philox_state(seed, *keys))
         elif self.kind == "keyed":
             self.rng = keyed_generator(seed, *keys)
 

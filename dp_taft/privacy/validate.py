@@ -24,6 +24,7 @@ from ..schedules import SCHEDULES
 from ..tangent import UnsupportedModelError
 from .bookkeeping import BK_RULES, require_bk_layers, trainable_layers
 from .data import resolve_train_set
+from .engine import ClippedSumHook
 
 __all__ = [
     "check_arguments",
@@ -65,8 +66,13 @@ def check_arguments(given: dict[str, Any], *, optimizers: tuple[str, ...], accou
     for name in ("augment", "grad_sample_hook"):
         if given[name] is not None and not callable(given[name]):
             raise ValueError(f"{name} must be a callable or None, got {type(given[name]).__name__}")
-    if given["grad_sample_hook"] is not None and mode not in ("auto", "hooks"):
-        raise ValueError(f"grad_sample_hook needs grad_sample_mode='hooks' (per-sample gradients), got {mode!r}")
+    hook = given["grad_sample_hook"]  # a ClippedSumHook also runs without per-sample gradients
+    if hook is not None and mode not in ("auto", "hooks", *(("bk",) if isinstance(hook, ClippedSumHook) else ())):
+        raise ValueError(f"grad_sample_hook needs grad_sample_mode='hooks' (per-sample gradients; 'bk' too for a "
+                         f"dp_taft.privacy.engine.ClippedSumHook), got {mode!r}")
+    for flag in ("quiet", "show_train_loss", "secure_mode"):
+        if not isinstance(given[flag], bool):
+            raise ValueError(f"{flag} must be True or False, got {given[flag]!r}")
     if given["distributed"] not in (None, True, False):
         raise ValueError(f"distributed must be None (automatic under torchrun), True or False, got {given['distributed']!r}")
     _check_toolbox(given, mode)
