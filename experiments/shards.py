@@ -6,14 +6,19 @@ task's private training set (:func:`dp_taft.shards.fit_shards`), evaluates the c
 model on the private test set, then forgets one random training example (seeded) and
 times that against retraining every shard. Data sizes, δ, the accountant and the TAFT
 hyperparameters come from ``experiments/sweep.toml`` (profile ``sweep_profile``), so the
-two experiments share one configuration. Outputs, in ``--out`` (default
+two experiments share one configuration. The partition key is secret: drawn once per
+output directory from the OS CSPRNG and kept owner-only, so every configuration of a shard
+count uses one partition and a resumed run keeps it. Outputs, in ``--out`` (default
 ``results/shards-<timestamp>/``):
 
 * ``results.csv``: one row per configuration (see :data:`COLUMNS`), appended and fsynced
   as it ends; rerunning with the same ``--out`` skips finished configurations (failed ones
   too, unless ``--retry-failed``). A configuration killed midway restarts from scratch
   (shard runs keep no checkpoints; with the same seeds the replay is identical);
-* ``reports/<run_id>.json``: the composed model's privacy statement and per-shard reports;
+* ``reports/<run_id>.json``: the privacy statement, every shard's reports (also of the model
+  its retraining replaced) and ``all_releases_epsilon``, written after the removal;
+* ``private/partition_key``: the partition key (owner-only; never publish it;
+  :mod:`experiments.shards_privacy`);
 * ``summary.md``: accuracy mean ± std over seeds (rows: shards, columns: target ε) and
   the removal-time table (mean ± std over ε and seeds);
 * ``shards.png``: accuracy against the number of shards, one line per ε;
@@ -22,8 +27,10 @@ two experiments share one configuration. Outputs, in ``--out`` (default
 
 Batch size per shard is ``round(batch_size / n_shards)``, which keeps each shard's sample
 rate q = batch / N_shard equal to the unsharded run's and, with the same epochs, the same
-number of steps (see ``shards.toml``). The reported ε of a configuration is the max over
-its shards (parallel composition; :class:`dp_taft.shards.ShardPrivacyReport`).
+number of steps (see ``shards.toml``). A row's ``epsilon`` covers everything it releases,
+the composed models from before and after the removal: the max over its shards (parallel
+composition) of each shard's rounds composed (:class:`dp_taft.shards.ShardPrivacyReport`'s
+``all_releases_epsilon``), above the target when the retrained shard's two rounds compose.
 
 Workers: ``--workers W`` trains W shards at once in spawned processes (each with
 cores // W threads). On 2 CPU cores this gains little: torch already uses both cores for
@@ -53,22 +60,26 @@ import torch.nn as nn
 
 from dp_taft import methods
 from dp_taft.privacy.distributed import current as distributed_comm
-from dp_taft.shards import ShardAssignment, ShardPrivacyReport, content_ids, fit_shards
+from dp_taft.shards import ShardAssignment, content_ids, fit_shards
 from dp_taft.train import evaluate
 from experiments import results as res
 from experiments import sweep as sw
 from experiments.config import read_profiled
+from experiments.shards_privacy import partition_key, privacy_columns, save_partition_key
 
 __all__ = ["COLUMNS", "DEFAULT_CONFIG", "load_config", "main", "write_outputs"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
-SHARD_KEYS = frozenset({"sweep_profile", "blocks", "n_shards", "epsilons", "seeds", "shard_key"})
+SHARD_KEYS = frozenset({"sweep_profile", "blocks", "n_shards", "epsilons", "seeds"})
 INHERITED_KEYS = frozenset({"delta", "accountant", "private_train_size", "test_size", "data_seed", "reproducible"})
-#: results.csv schema, one row per configuration attempt (the last row of a run_id counts).
+#: results.csv schema, one row per configuration attempt (the last row of a run_id counts). No
+#: example ids (a content id is an unsalted hash of a private example). Shard sizes (shard_sizes;
+#: sample_rate = batch / size) are published only because the partition key is secret: given N,
+#: their distribution is the same whoever is in; under a known key they would reveal membership.
 COLUMNS = (
     "run_id", "n_shards", "seed", "randomness", "target_epsilon", "epsilon", "per_shard_epsilon", "delta",
     "accuracy", "accuracy_after_removal", "train_wall_time_s", "removal_wall_time_s", "full_retrain_time_s",
-    "speedup", "removed_id", "retrained_shard", "shard_sizes", "batch_size_per_shard", "sample_rate", "steps",
+    "speedup", "retrained_shard", "shard_sizes", "batch_size_per_shard", "sample_rate", "steps",
     "status", "error", "k", "n_train", "n_test", "epochs", "batch_size", "lr", "workers", "settings", "finished_at",
 )
 CSV_NAME, SUMMARY_NAME, PLOT_NAME = "results.csv", "summary.md", "shards.png"
@@ -114,22 +125,15 @@ def _check(settings: dict[str, Any]) -> None:
     sw._check_sweep({**settings, "methods": ["taft"], "blocks": [settings["blocks"]]})  # ε, δ, sizes
 
 
-def _delta_error(settings: dict[str, Any], ids: Sequence[int]) -> str | None:
+def _delta_error(settings: dict[str, Any], ids: Sequence[int], key: int) -> str | None:
     """Why δ is too large for the smallest shard of any planned partition (None if fine)."""
     n = len(ids)
     for n_shards in settings["n_shards"]:
-        sizes = shard_sizes(ids, n_shards, settings["shard_key"])
-        smallest = min(sizes)
+        smallest = min(ShardAssignment.create(ids, n_shards, key).sizes)
         if smallest < 2 or not settings["delta"] < 1 / smallest:
             return (f"delta={settings['delta']:g} is not below 1/N_shard = 1/{smallest} for the smallest of "
                     f"{n_shards} shards of N={n}; use a smaller --delta, fewer shards or more data")
     return None
-
-
-def shard_sizes(ids: Sequence[int], n_shards: int, key: int) -> list[int]:
-    """Examples per shard of the hash partition of these stable ids (fit_shards' assignment)."""
-    a = ShardAssignment.create(ids, n_shards, key)
-    return [a.shards.count(s) for s in range(n_shards)]
 
 
 def run_id(n_shards: int, epsilon: float, seed: int) -> str:
@@ -138,17 +142,17 @@ def run_id(n_shards: int, epsilon: float, seed: int) -> str:
 
 # --------------------------------------------------------------------------- one configuration
 def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any], out: Path | None, *,
-            ids: Sequence[int], workers: int, device: str, quiet: bool) -> dict[str, Any]:
+            ids: Sequence[int], key: int, workers: int, device: str, quiet: bool) -> dict[str, Any]:
     """Train the shards, evaluate the composition, forget one example; returns the CSV row.
 
     ``ids``: stable ids of ``task.train``'s examples (their content ids: deleting one example
-    moves no other between shards, which positions would). ``out`` None: a torchrun rank
-    other than 0, which trains its shards and writes nothing."""
+    moves no other between shards, which positions would); ``key``: the secret partition key.
+    ``out`` None: a torchrun rank other than 0, which trains its shards and writes nothing."""
     hp = dict(run.hparams)
     rid = run_id(n_shards, run.epsilon, run.seed)
     n = len(task.train)
     batch = max(1, round(hp["batch_size"] / n_shards))
-    sizes = shard_sizes(ids, n_shards, settings["shard_key"])
+    sizes = ShardAssignment.create(ids, n_shards, key).sizes  # public only because the key is secret
     row: dict[str, Any] = {
         "run_id": rid, "n_shards": n_shards, "seed": run.seed, "randomness": sw.randomness(settings),
         "target_epsilon": run.epsilon, "k": run.k,
@@ -166,7 +170,7 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
             model = methods.taft(task.backbone(run.seed), run.k)
             start = time.perf_counter()
             shards = fit_shards(
-                model, task.train, n_shards, ids=ids, key=settings["shard_key"],
+                model, task.train, n_shards, ids=ids, key=key,
                 seed=run.seed if settings["reproducible"] else None, workers=workers,
                 cache_dir=None if out is None else out / sw.PREFIX_CACHE_DIR,  # each shard's prefix once
                 epsilon=run.epsilon if private else None, delta=settings["delta"] if private else None,
@@ -174,24 +178,19 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
             )
             row["train_wall_time_s"] = round(time.perf_counter() - start, 3)
             row["accuracy"] = accuracy(shards.composed, task.test, device)
-            report = shards.report
-            if report is not None:
-                row.update(epsilon=report.epsilon, delta=report.delta,
-                           per_shard_epsilon=";".join(f"{r.epsilon:.4g}" for r in report.per_shard),
-                           sample_rate=";".join(f"{r.history[0].sample_rate:.4g}" for r in report.per_shard),
-                           steps=";".join(str(sum(s.steps for s in r.history)) for r in report.per_shard))
-            else:
-                row.update(epsilon=math.inf, per_shard_epsilon=";".join(["inf"] * n_shards))
-            position = random.Random(f"forget:{run.seed}").randrange(n)  # fixed per seed across shard counts
-            forgot = shards.forget([ids[position]])
-            # The position, not the id: a content id is an unsalted hash of a private example,
-            # which anyone holding a candidate image could test for membership.
-            row.update(removed_id=position, retrained_shard=";".join(map(str, forgot.retrained_shards)),
+            # A simulated request: the same example for every shard count of a seed, a public choice
+            # by design. Its id is written nowhere (a real request is private: fit_shards keeps it
+            # only in memory and in an owner-only removed.json).
+            forgot = shards.forget([ids[random.Random(f"forget:{run.seed}").randrange(n)]])
+            row.update(retrained_shard=";".join(map(str, forgot.retrained_shards)),
                        removal_wall_time_s=round(forgot.wall_time_s, 3),
                        full_retrain_time_s=round(forgot.full_retrain_time_s, 3), speedup=forgot.speedup,
                        accuracy_after_removal=accuracy(shards.composed, task.test, device), status="ok", error="")
-            if shards.report is not None and out is not None:  # after the removal: both releases covered
-                _write_report(out / "reports" / f"{rid}.json", shards.report)
+            report = shards.report  # after the removal: it covers the models from before and after it
+            row.update(privacy_columns(report, n_shards))
+            if report is not None and out is not None:
+                (out / "reports").mkdir(parents=True, exist_ok=True)
+                (out / "reports" / f"{rid}.json").write_text(json.dumps(report.to_dict(), indent=1))
         except Exception as e:  # noqa: BLE001 -- a failed configuration is recorded and the experiment goes on
             row.update(status="failed", error=f"{type(e).__name__}: {e}".replace("\n", " ")[:1000])
             details["traceback"] = traceback.format_exc()
@@ -204,15 +203,6 @@ def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any],
     return row
 
 
-def _write_report(path: Path, report: ShardPrivacyReport) -> None:
-    """The composed model's statement and every shard's own report (named-field JSON), after
-    the removal: ``all_releases_epsilon`` covers the models from before and after it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"statement": report.statement(), "epsilon": report.epsilon, "delta": report.delta,
-                                "all_releases_epsilon": report.all_releases_epsilon,
-                                "per_shard": [r.to_dict() for r in report.per_shard]}, indent=1))
-
-
 def accuracy(model: nn.Module, data: Any, device: str) -> float:
     model.to(device)
     return evaluate(model, data, nn.CrossEntropyLoss(), 500, torch.device(device))[1]
@@ -220,7 +210,7 @@ def accuracy(model: nn.Module, data: Any, device: str) -> float:
 
 def _settings(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any]) -> str:
     """sweep.settings_hash of the run, with the shard partition and accountant settings folded in."""
-    extra = (("shard_key", settings["shard_key"]), ("n_shards", n_shards))
+    extra = (("partition", "secret key"), ("n_shards", n_shards))
     return sw.settings_hash(sw.Run(run.method, run.k, run.seed, run.epsilon, run.hparams + extra), task,
                             {k: settings[k] for k in ("delta", "accountant", "reproducible")})
 
@@ -250,8 +240,8 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         f"split by a keyed hash into n shards, {one('n_test')} test examples, δ = "
         f"{', '.join(sorted({r['delta'] for r in rows if r['delta']})) or '—'}, {one('epochs')} epoch(s); batch "
         f"{one('batch_size')} unsharded, round(batch / n) per shard (same sample rate and steps per shard). "
-        "Columns are the target ε of every shard; the composed model's ε is the max over shards "
-        "(parallel composition) and is at most its target (see results.csv and reports/).",
+        "Columns are the target ε of every shard's training; results.csv's epsilon covers everything a row "
+        "releases, the composed models from before and after the removal (see reports/).",
         "",
         res.markdown_table(rows, row="n_shards", col="target_epsilon", value="accuracy", row_order=shard_order,
                            col_order=eps_order, col_label=res.epsilon_label, corner="shards", scale=100, digits=1,
@@ -262,6 +252,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         res.markdown_table(long, row="n_shards", col="quantity", value="value", row_order=shard_order,
                            col_order=list(quantities), col_label=quantities.get, corner="shards", digits=2),
         *sw.randomness_notes(rows),
+        *[f"{note}\n" for note in sorted({r.get("recomputed", "") for r in rows} - {""})],
     ]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
@@ -337,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     task = sw.build_task(args, settings)
     n = len(task.train)
     ids = content_ids(task.train)
-    err = _delta_error(settings, ids)
+    partition = comm.broadcast(partition_key(out) if comm.main else None)  # one partition on every rank
+    err = _delta_error(settings, ids, partition)
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -356,8 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                               if not ((prev := done.get(key(r, s))) and (prev["status"] == "ok" or not args.retry_failed))])
     if not comm.main:
         for run, s in pending:
-            run_one(run, s, task, settings, None, ids=ids, workers=args.workers, device=args.device, quiet=True)
+            run_one(run, s, task, settings, None, ids=ids, key=partition, workers=args.workers, device=args.device,
+                    quiet=True)
         return 0
+    save_partition_key(out, partition)
     with open(out / "invocations.jsonl", "a") as f:
         f.write(json.dumps({"at": datetime.datetime.now().isoformat(timespec="seconds"),
                             "argv": list(argv) if argv is not None else sys.argv[1:], "profile": args.profile,
@@ -368,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, failures = time.perf_counter(), 0
     try:
         for i, (run, s) in enumerate(pending, 1):
-            row = run_one(run, s, task, settings, out, ids=ids, workers=args.workers, device=args.device,
-                          quiet=args.quiet)
+            row = run_one(run, s, task, settings, out, ids=ids, key=partition, workers=args.workers,
+                          device=args.device, quiet=args.quiet)
             res.append_row(out / CSV_NAME, row, COLUMNS)
             if row["status"] == "ok":
                 eps = "∞" if math.isinf(row["epsilon"]) else f"{row['epsilon']:.3f}"

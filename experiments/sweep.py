@@ -10,14 +10,15 @@ a public proxy (``experiments/tuned.toml``), and writes, in ``--out`` (default
   run ends; rerunning with the same ``--out`` skips finished runs (failed ones too,
   unless ``--retry-failed``) and appends. A run killed midway resumes from its
   checkpoint under ``checkpoints/<run_id>/``, whose write-ahead privacy ledger counts
-  the steps of the killed attempt;
+  the steps of the killed attempt; a finished run's checkpoints (every stage's: they hold
+  its secret key) are deleted as it ends, and only its ledgers stay;
 * ``reports/<run_id>.json``: the run's :class:`accounting.PrivacyReport` (private runs);
 * ``runs/<run_id>.json``: hyperparameters, per-epoch history, warnings, error traceback;
 * ``summary.md``: mean ± std test accuracy (%) over seeds, rows methods, columns ε, and
   TAFT-k − NLFT-k paired by seed with 95% t intervals;
 * ``prefix_cache/``: each distinct frozen-prefix output (train and test), computed once and
   mapped by every run that shares it (``--no-prefix-reuse``: none). It holds features of
-  the private data: delete it, with ``checkpoints/``, when the sweep is done;
+  the private data: delete it when the sweep is done;
 * ``privacy_utility.png``: accuracy against ε per method, ∞ (non-private) apart.
 
 ``--quick`` (every method and ε once, on less data) and ``--smoke`` (tests) pick other
@@ -427,6 +428,14 @@ def randomness(sweep: dict[str, Any]) -> str:
     return "seeded" if sweep["reproducible"] else "secret"
 
 
+def discard_keys(run_dir: Path) -> None:
+    """Delete every checkpoint under ``run_dir`` (each stage's, e.g. head first's ``head/`` and
+    ``taft/``): a finished run's checkpoints hold its secret key, which must not outlive the run.
+    The write-ahead ledgers stay: they hold only what was spent (σ, q, steps)."""
+    for path in run_dir.rglob(CHECKPOINT_FILE):
+        path.unlink()
+
+
 def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: str, quiet: bool) -> dict[str, Any]:
     """Train and evaluate one run; returns its CSV row (status "failed" with the error if it raised)."""
     hp = dict(run.hparams)
@@ -453,6 +462,7 @@ def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: s
             )
             row.update(sigma=result.noise_multiplier, sample_rate=result.sample_rate, steps=result.steps,
                        accuracy=result.history[-1].eval_accuracy, status="ok", error="")
+            discard_keys(out / "checkpoints" / run.run_id)
             if result.report is not None:
                 rel = Path("reports") / f"{run.run_id}.json"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -673,7 +683,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = run_one(run, task, sweep, out, device=args.device, quiet=args.quiet or args.no_progress)
             res.append_row(out / CSV_NAME, row, COLUMNS)
             if row["status"] == "ok":
-                (out / "checkpoints" / run.run_id / CHECKPOINT_FILE).unlink(missing_ok=True)  # the ledger stays
                 eps = "∞" if not math.isfinite(run.epsilon) else f"{row['epsilon']:.3f}"
                 msg = f"{run.run_id}: accuracy {100 * row['accuracy']:.1f}%, ε {eps}, {row['wall_time_s']:.0f} s"
             else:

@@ -213,6 +213,13 @@ def run_trial(phase: str, method: str, trial: int, config: dict[str, Any], task:
                                                                    "error", "wall_time_s", "finished_at")}}
 
 
+def expected_trials(settings: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """(phase, method, trial) of every trial the configuration asks for, as trials.csv writes them."""
+    return {(phase, m, str(t)) for m in settings["methods"]
+            for phase, n in (("private", settings["trials"]), ("nonprivate", settings["nonprivate_trials"]))
+            for t in range(n)}
+
+
 def select(rows: Sequence[res.Row], phase: str, method: str) -> res.Row:
     """The winning trial: highest proxy accuracy among the finished ones (ties: the lower trial number)."""
     ok = [r for r in rows if r["phase"] == phase and r["method"] == method and r["status"] == "ok"]
@@ -294,6 +301,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also copy tuned.toml here (experiments/tuned.toml: the sweep's defaults)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the proxy backbone is kept (default: experiments.pretrain's cache directory)")
+    p.add_argument("--only", nargs="+", choices=sw.METHODS, metavar="METHOD",
+                   help="run only these methods' trials: processes with disjoint --only share one --out "
+                        "(e.g. on several machines); the outputs are written once every trial is in trials.csv")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress bars")
@@ -325,8 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: delta {sweep['delta']:g} is not below 1/N for the proxy's N = {len(task.train)}", file=sys.stderr)
         return 2
     done = {(r["phase"], r["method"], r["trial"]) for r in rows}
+    methods = [m for m in settings["methods"] if args.only is None or m in args.only]
     for phase in ("private", "nonprivate"):
-        for method in settings["methods"]:
+        for method in methods:
             if phase == "private":
                 configs = design(spaces[method], settings["trials"], settings["search_seed"])
             else:
@@ -343,6 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 acc = f"{100 * row['accuracy']:.1f}%" if row["status"] == "ok" else f"FAILED ({row['error'][:150]})"
                 print(f"{phase} {method} trial {trial}: {acc} in {row['wall_time_s']:.0f} s  {row['hparams']}",
                       flush=True)
+    rows = res.read_rows(out / CSV_NAME)  # with --only, other processes' trials too
+    missing = expected_trials(settings) - {(r["phase"], r["method"], r["trial"]) for r in rows}
+    if missing:
+        print(f"done with {' '.join(methods)}; {len(missing)} trial(s) of other methods are not in {CSV_NAME} yet: "
+              "rerun without --only once they are, to write the outputs")
+        return 0
     (out / SUMMARY_NAME).write_text(summary(rows, settings))
     (out / TUNED_NAME).write_text(tuned_toml(rows, settings, args.profile))
     if args.write is not None:

@@ -246,3 +246,43 @@ def test_paired_differences_match_scipy_paired_t_interval():
     assert d.n == 4 and d.mean == pytest.approx(sum(x - y for x, y in zip(a, b)) / 4)
     assert (d.low, d.high) == pytest.approx((ref.low, ref.high))
     assert d.text(100) == f"{100 * d.mean:+.1f} [{100 * ref.low:+.1f}, {100 * ref.high:+.1f}] (n=4)"
+
+
+def _encodings(key: int) -> list[bytes]:
+    """How a 128-bit key can sit in a file: decimal text (JSON, logs) or pickled little-endian (torch.save)."""
+    return [str(key).encode(), key.to_bytes(key.bit_length() // 8 + 1, "little", signed=True)]
+
+
+def test_finished_sweep_leaves_no_file_holding_a_key(tmp_path, backbone_file, monkeypatch):
+    """Head first trains two stages, each with its own checkpoint (and secret key): once the
+    run has finished, no checkpoint and no file holding any of the keys is left in --out."""
+    import dp_taft.privacy.loop as loop
+
+    keys: list[int] = []
+    draw = loop.secret_seed
+
+    def recording() -> int:
+        keys.append(draw())
+        return keys[-1]
+
+    monkeypatch.setattr(loop, "secret_seed", recording)
+    out = tmp_path / "sweep"
+    assert _smoke(out, backbone_file, "--methods", "taft_head", "fc", "--epsilons", "1") == 0
+    assert len(keys) >= 3  # fc, and head first's two stages
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name == "checkpoint.pt"]
+    assert [p for p in files if p.name == "ledger.jsonl"]  # what was spent stays on record
+    for path in files:
+        data = path.read_bytes()
+        assert not any(e in data for k in keys for e in _encodings(k)), path
+
+
+def test_discard_keys_removes_every_stage_checkpoint_and_keeps_ledgers(tmp_path):
+    """discard_keys removes every stage's checkpoint under a run's folder, nothing else."""
+    run_dir = tmp_path / "checkpoints" / "taft_head2_eps1_seed0"
+    for stage in ("head", "taft"):
+        (run_dir / stage).mkdir(parents=True)
+        (run_dir / stage / "checkpoint.pt").write_bytes(b"key")
+        (run_dir / stage / "ledger.jsonl").write_text("{}\n")
+    sweep.discard_keys(run_dir)
+    assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["ledger.jsonl", "ledger.jsonl"]

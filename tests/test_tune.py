@@ -148,3 +148,25 @@ def test_sweep_says_how_to_get_a_missing_tuned_file(tmp_path):
                       .replace('tuned = "tuned.toml"', "", 1))
     with pytest.raises(ValueError, match="experiments.tune"):
         sw.load_config(config, "default")
+
+
+def test_every_default_sweep_setting_traces_to_the_proxy_or_an_a_priori_choice():
+    """Issue: a setting chosen on private data (momentum from an early probe) was outside the ε.
+    Every hyperparameter a default sweep run uses must come from the tuned file (public proxy)
+    or be marked in sweep.toml as fixed a priori / without effect on the results; the tuning
+    space must cover what the tuned file sets."""
+    _, hparams, nonprivate = sw.load_config(sw.DEFAULT_CONFIG, "default")
+    tuned = tomllib.loads((sw.DEFAULT_CONFIG.parent / "tuned.toml").read_text())
+    declared = {}
+    table = re.split(r"^\[hparams\]$", sw.DEFAULT_CONFIG.read_text(), maxsplit=1, flags=re.M)[1]
+    for line in table.split("\n[", 1)[0].splitlines():
+        if m := re.match(r"(\w+)\s*=[^#]*#\s*(.*)", line):
+            declared[m[1]] = m[2]
+    a_priori = {k for k, why in declared.items() if why.startswith("a priori") or "no effect on results" in why}
+    _, spaces, _ = tune.load_config(tune.DEFAULT_CONFIG, "default")
+    for method, hp in hparams.items():
+        from_proxy = set(tuned["hparams"][method])
+        assert set(hp) <= from_proxy | a_priori, (method, sorted(set(hp) - from_proxy - a_priori))
+        assert from_proxy <= set(spaces[method]), method
+        assert {"momentum", "lr", "epochs", "batch_size"} <= from_proxy, method
+        assert set(nonprivate[method]) <= set(tuned["nonprivate"][method]), method
