@@ -267,8 +267,7 @@ class ShardSet:
         """Write the assignment (and the removals) ahead of any training, so that a relaunch into
         the same ``out_dir`` resumes the same partition (:func:`_resume_or_create`)."""
         if self.out_dir is None or not self.comm.main:
-            return
-        private_dir(self.out_dir)
+            return  # out_dir was made owner-only (private_dir) when the ShardSet was built
         write_private_text(self.out_dir / ASSIGNMENT_FILE, self.assignment.to_json(key_drawn=self.key_drawn))
         write_private_text(self.out_dir / REMOVED_FILE, json.dumps(sorted(self.removed)))
 

@@ -325,8 +325,7 @@ def _build(model: nn.Module, dataset: Dataset, spec: CacheSpec, store: Store | N
     if store is not None:
         _say(f"prefix cache ({desc}): {size}, {why}, in {spec.directory}", quiet)
         return _in_file(first, batches, n, spec.dtype, spec.directory, *store)
-    tmp = Path(tempfile.mkdtemp(prefix="dp_taft_prefix_"))
-    os.chmod(tmp, 0o700)  # mkdtemp's 0700 is less the umask
+    tmp = private_dir(tempfile.mkdtemp(prefix="dp_taft_prefix_"))  # mkdtemp's 0700 is less the umask
     _say(f"prefix cache ({desc}): {size}, {why}, in {tmp} (deleted after use; name a cache_dir to keep it)", quiet)
     try:
         cache = _in_file(first, batches, n, spec.dtype, tmp, "prefix", lambda: "prefix")

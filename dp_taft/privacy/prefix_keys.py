@@ -200,7 +200,7 @@ def stream_digest(dataset: Dataset, salt: bytes, progress: Callable[[Iterable[in
     """Keyed digest of every example of ``dataset`` (as :class:`HashedExamples` computes it), each
     read (decoded, transformed) and hashed once, no prefix computed; ``progress`` wraps the
     positions (a progress bar)."""
-    digest = _hmac(salt, b"examples")
-    for i in progress(range(len(dataset))):
-        _hash_example(digest, dataset[i])
-    return digest.hexdigest()
+    hashed = HashedExamples(dataset, salt)
+    for i in progress(range(len(hashed))):
+        _ = hashed[i]  # reading is hashing
+    return hashed.hexdigest()

@@ -70,7 +70,7 @@ def check_arguments(given: dict[str, Any], *, optimizers: tuple[str, ...], accou
     if hook is not None and mode not in ("auto", "hooks", *(("bk",) if isinstance(hook, ClippedSumHook) else ())):
         raise ValueError(f"grad_sample_hook needs grad_sample_mode='hooks' (per-sample gradients; 'bk' too for a "
                          f"dp_taft.privacy.engine.ClippedSumHook), got {mode!r}")
-    for flag in ("quiet", "show_train_loss", "secure_mode"):
+    for flag in ("quiet", "show_train_loss"):  # secure_mode: _check_randomness
         if not isinstance(given[flag], bool):
             raise ValueError(f"{flag} must be True or False, got {given[flag]!r}")
     if given["distributed"] not in (None, True, False):
