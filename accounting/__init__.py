@@ -11,6 +11,10 @@ add/remove-one neighbouring datasets. Two accountants:
   Balle et al. 2020, Thm 21.
 
 No central-limit (GDP) approximation is used anywhere: it under-reports epsilon.
+
+A run's guarantee is recorded by :class:`PrivacyReport` (sequential composition of its
+segments); that of models trained on disjoint data by :class:`ParallelReport`. Both are
+checked from their JSON by ``python -m accounting verify``.
 """
 
 from accounting import pld, rdp
@@ -30,11 +34,13 @@ from accounting.events import (
     SelfComposedEvent,
     dpsgd_event,
 )
+from accounting.parallel import ParallelReport, report_from_dict
 from accounting.report import PrivacyReport
 
 __all__ = [
     "ComposedEvent",
     "GaussianEvent",
+    "ParallelReport",
     "PoissonSampledEvent",
     "PrivacyAccountant",
     "PrivacyReport",
@@ -49,4 +55,5 @@ __all__ = [
     "noise_multiplier",
     "pld",
     "rdp",
+    "report_from_dict",
 ]

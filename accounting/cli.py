@@ -8,7 +8,9 @@
         the smallest noise multiplier whose epsilon is <= E.
     python -m accounting verify REPORT.json [--method pld|rdp|all] [--tolerance X] [--json]
         recompute epsilon from a saved PrivacyReport's history at its delta and check
-        every epsilon the report states (and that it stayed within its target_epsilon).
+        every epsilon the report states (and that it stayed within its target_epsilon);
+        for a ParallelReport (format ``dp_taft.parallel_report/1``), check each member likewise,
+        and that its own epsilon and delta are at least every member's.
 
 With ``--json``, ``epsilon`` and ``noise`` print one object with the answer at the top level
 and the full report (format ``dp_taft.privacy_report/2``) under ``"report"``::
@@ -18,7 +20,7 @@ and the full report (format ``dp_taft.privacy_report/2``) under ``"report"``::
      "report": {...}}
 
 Exit status: 0 on success (for ``verify``: every stated epsilon holds); 1 when ``verify``
-finds a stated epsilon that the recomputation exceeds; 2 on bad input, with a message
+finds a stated epsilon (or a parallel report's delta) that the recomputation exceeds; 2 on bad input, with a message
 naming the flag to change.
 """
 
@@ -34,10 +36,12 @@ from accounting import _validate
 from accounting.accountant import epsilon
 from accounting.calibration import noise_multiplier
 from accounting.events import Segment
+from accounting.parallel import ParallelReport, report_from_dict
 from accounting.report import EpsilonCheck, PrivacyReport
 
 _MAX_NOISE = 1e3  # the largest noise multiplier `noise` tries; a target it cannot reach is refused
 _ANSWER_KEYS = ("delta", "dataset_size", "method", "epsilon", "epsilons", "target_epsilon")
+Report = PrivacyReport | ParallelReport
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,8 +85,9 @@ def _add_verify(sub: Any) -> None:
                        description="Recompute epsilon from a PrivacyReport's history at its delta and check every "
                                    "epsilon it states. Exit 0 if all hold, 1 if not, 2 on bad input.")
     v.add_argument("report", metavar="REPORT.json",
-                   help="path of a PrivacyReport JSON file (PrivacyReport.to_json; format 1 or 2), or of the "
-                        "--json output of epsilon/noise")
+                   help="path of a PrivacyReport JSON file (PrivacyReport.to_json; format 1 or 2), of the "
+                        "--json output of epsilon/noise, or of a ParallelReport (ParallelReport.to_json, or a shard "
+                        "set's report)")
     v.add_argument("--method", choices=(*_validate.METHODS, "all"), default=None,
                    help="accountant to recompute with: pld, rdp, or all that the report states an epsilon for "
                         "(default: the report's own method)")
@@ -91,7 +96,7 @@ def _add_verify(sub: Any) -> None:
                         "stated * (1 + X); default 1e-9")
     v.add_argument("--json", action="store_true",
                    help="print {report, holds, delta, tolerance, checks: [{field, method, stated, recomputed, "
-                        "holds}]} as JSON")
+                        "holds}], not_checked: [top-level fields of a parallel report that no check covers]} as JSON")
 
 
 def _check_run_flags(args: argparse.Namespace) -> None:
@@ -152,8 +157,10 @@ def _print_run(args: argparse.Namespace, report: PrivacyReport) -> None:
         print(f"epsilon = {report.epsilon:.6g}  (delta = {args.delta:g}, {report.method.upper()})")
 
 
-def _load_report(path: str) -> PrivacyReport:
-    """Read a report file; ValueError says whether the file, its JSON or its fields are at fault."""
+def _load_report(path: str) -> tuple[Report, list[str]]:
+    """Read a report file, and the top-level fields it has beyond its format's (a parallel report may carry
+    others, e.g. a shard set's, which no check covers); ValueError says whether the file, its JSON or its
+    fields are at fault."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -165,15 +172,16 @@ def _load_report(path: str) -> PrivacyReport:
     if isinstance(data, dict) and "report" in data and "history" not in data:
         data = data["report"]  # the --json output of `epsilon` or `noise`: the report is nested
     try:
-        return PrivacyReport.from_dict(data)
+        report = report_from_dict(data)
     except ValueError as err:
         raise ValueError(f"{path} is not a valid privacy report: {err}") from None
+    return report, sorted(set(data) - set(report.to_dict()))
 
 
 def _verify(args: argparse.Namespace) -> int:
     """Run ``verify``: 0 when every stated epsilon holds, 1 when one does not."""
     tolerance = _validate.tolerance(args.tolerance, "--tolerance")
-    report = _load_report(args.report)
+    report, unchecked = _load_report(args.report)
     if args.method in _validate.METHODS and args.method not in report.methods:
         raise ValueError(f"--method {args.method}: the report states no {args.method.upper()} epsilon; use "
                          f"--method {' or '.join(report.methods)}")
@@ -182,20 +190,24 @@ def _verify(args: argparse.Namespace) -> int:
     holds = all(c.holds for c in checks)
     if args.json:
         print(json.dumps({"report": args.report, "holds": holds, "delta": report.delta, "tolerance": tolerance,
-                          "checks": [c.to_dict() for c in checks]}))
+                          "checks": [c.to_dict() for c in checks], "not_checked": unchecked}))
     else:
-        _print_checks(args.report, report, checks, tolerance)
+        _print_checks(args.report, report, checks, tolerance, unchecked)
     return 0 if holds else 1
 
 
-def _print_checks(path: str, report: PrivacyReport, checks: Sequence[EpsilonCheck], tolerance: float) -> None:
+def _print_checks(path: str, report: Report, checks: Sequence[EpsilonCheck], tolerance: float,
+                  unchecked: Sequence[str]) -> None:
     print(f"{path}: {report}")
     for c in checks:
         verdict = "holds" if c.holds else "DOES NOT HOLD"
         print(f"  {c.field:<15} {c.method.upper()}: stated {c.stated:.10g}, recomputed {c.recomputed:.10g}  {verdict}")
+    if unchecked:
+        print(f"  not checked (beyond the parallel report format): {', '.join(unchecked)}")
     failed = [c.field for c in checks if not c.holds]
     if failed:
-        print(f"FAILED: the epsilon recomputed from the history exceeds {', '.join(failed)} "
+        print(f"FAILED: the epsilon recomputed from the history (for a parallel report's own epsilon and delta: "
+              f"the members' maximum) exceeds {', '.join(failed)} "
               f"(relative tolerance {tolerance:g})")
     else:
         print(f"OK: every stated epsilon holds (relative tolerance {tolerance:g})")

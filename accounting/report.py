@@ -56,7 +56,9 @@ class EpsilonCheck:
 
     ``field`` is the JSON field checked: ``"epsilon"``, ``"epsilons.<method>"`` or
     ``"target_epsilon"`` (the run stayed within its budget). ``holds`` when
-    ``recomputed <= stated * (1 + tolerance)``. Epsilons in nats, in [0, inf].
+    ``recomputed <= stated * (1 + tolerance)``. Epsilons in nats, in [0, inf]. A parallel report
+    (:class:`accounting.parallel.ParallelReport`) prefixes its members' fields with ``members[i].``
+    and adds ``"epsilon"`` and ``"delta"`` with method ``"parallel"``: stated against the members' maximum.
     """
 
     field: str
@@ -247,7 +249,8 @@ class PrivacyReport:
                               for label, group in groups)
 
     def statement(self) -> str:
-        """One paragraph saying what the guarantee covers and what it does not."""
+        """One paragraph saying what the guarantee covers and what it does not, then the notes (if any):
+        they say e.g. that the history is a sequential composition of several models' training."""
         data = f" on a dataset of {self.dataset_size} examples" if self.dataset_size else ""
         clip = (f", each example's gradient clipped to L2 norm {self.max_grad_norm:.4g}"
                 if self.max_grad_norm is not None else "")
@@ -277,6 +280,7 @@ class PrivacyReport:
             "tuning, model selection or repeated runs on the same data, the data used for pretraining "
             "(assumed public), nor a person who contributes several examples (group privacy: epsilon grows "
             f"about linearly with the number of examples per person).{small_delta}"
+            f"{f' Notes: {self.notes}' if self.notes else ''}"
         )
 
     def __str__(self) -> str:

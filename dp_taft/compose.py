@@ -8,6 +8,10 @@ a_i with Σ a_i = 1,
 so one model with the averaged Δw answers exactly like the weighted ensemble of the
 models, at the cost of one. This holds only for models linearized around the same w0
 with the same structure, which :func:`compose` checks by fingerprint.
+
+The composed model is post-processing of the members, so its privacy guarantee is that of
+releasing them all: :func:`compose_reports` computes it, by sequential composition when the
+members' training data may overlap, by parallel composition when they are disjoint.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ import copy
 import math
 from collections.abc import Sequence
 
+import accounting
 import torch
 
+from .shard_report import ShardPrivacyReport
 from .tangent import TangentViT
 
-__all__ = ["compose"]
+__all__ = ["compose", "compose_reports"]
+
+Report = accounting.PrivacyReport | accounting.ParallelReport
 
 
 def compose(models: Sequence[TangentViT], weights: Sequence[float] | None = None) -> TangentViT:
@@ -69,3 +77,69 @@ def compose(models: Sequence[TangentViT], weights: Sequence[float] | None = None
         for name, delta in composed.deltas().items():
             delta.copy_(sum(w * s[name] for w, s in zip(weights, states)))
     return composed
+
+
+def compose_reports(reports: Sequence[Report | ShardPrivacyReport], *, disjoint: bool = False) -> Report:
+    """The privacy guarantee of releasing every member model (hence of their composition).
+
+    Args:
+        reports: one report per member model, in training order: an ``accounting.PrivacyReport``
+            (which may itself be staged or composed), an ``accounting.ParallelReport`` or a
+            shard set's report (its :meth:`~ShardPrivacyReport.as_parallel`, the current models).
+        disjoint: False (default): the members may have seen the same examples, so their DP-SGD
+            histories compose sequentially: ``PrivacyReport.from_history`` of the concatenated
+            segments, labelled ``"model i"`` (``"model i: <stage>"`` for a staged member), with the
+            first member's method. True: the caller declares the members' training data disjoint
+            (no example in two of them): an ``accounting.ParallelReport``, (max ε_i, max δ_i).
+
+    δ of a sequential composition is the largest member δ. Any δ in (0, 1) is valid there, as ε
+    is recomputed at that δ from the whole history; the largest keeps the composition's ε
+    comparable to each member's (a member's ε at its own δ is at least its ε at a larger one),
+    and it is one of the δ's the members were already held to (below 1/N for their data).
+
+    A parallel member under sequential composition is handled exactly, not refused: an example
+    is in one part of it, so releasing everything costs that example the sequential composition
+    of its part with the other members. The result is a ``ParallelReport`` over the parts whose
+    members are those sequential compositions (one per combination of parts when several
+    members are parallel; each costs one accountant run).
+    """
+    members = [r.as_parallel() if isinstance(r, ShardPrivacyReport) else r for r in reports]
+    if not members:
+        raise ValueError("compose_reports() needs at least one report")
+    for i, r in enumerate(members):
+        if not isinstance(r, (accounting.PrivacyReport, accounting.ParallelReport)):
+            raise ValueError(f"reports[{i}] is a {type(r).__name__}; give an accounting.PrivacyReport or "
+                             "ParallelReport (a model trained without privacy has none, and neither has a composition "
+                             "with it)")
+    if disjoint:
+        return accounting.ParallelReport(tuple(members), notes=(
+            f"parallel composition of {len(members)} models declared trained on disjoint data; a person whose "
+            "examples lie in two of them is covered only by their sequential composition"))
+    parallel = next((i for i, r in enumerate(members) if isinstance(r, accounting.ParallelReport)), None)
+    if parallel is None:
+        return _sequential(members)
+    split = members[parallel]
+    return accounting.ParallelReport(
+        tuple(compose_reports([*members[:parallel], part, *members[parallel + 1:]]) for part in split.members),
+        notes=(f"sequential composition of {len(members)} models, of which model {parallel + 1} is itself a parallel "
+               f"composition over {len(split.members)} disjoint parts: each member here is one part composed "
+               "sequentially with the other models, and an example is in one part only"))
+
+
+def _sequential(reports: Sequence[accounting.PrivacyReport]) -> accounting.PrivacyReport:
+    """Sequential composition of runs that may share examples (see :func:`compose_reports`)."""
+    segments, stages = [], []
+    for i, r in enumerate(reports, start=1):
+        labels = r.stages or ("",) * len(r.history)
+        segments += r.history
+        stages += [f"model {i}: {label}" if label else f"model {i}" for label in labels]
+    sizes = {r.dataset_size for r in reports}
+    norms = {r.max_grad_norm for r in reports}
+    return accounting.PrivacyReport.from_history(
+        segments, max(r.delta for r in reports), method=reports[0].method,
+        dataset_size=sizes.pop() if len(sizes) == 1 else None, max_grad_norm=norms.pop() if len(norms) == 1 else None,
+        stages=stages, notes=(
+            f"sequential composition of {len(reports)} models (stages 'model 1' to 'model {len(reports)}', in this "
+            "order) whose training data may overlap: every example may have taken part in each of them, so all "
+            "their DP-SGD steps are composed; delta is the largest member delta, at which epsilon was recomputed "
+            "from the whole history"))

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import accounting
 import timm.models.vision_transformer as vit
+import torch
 from torch.utils.data import Dataset
 
+from .config import TrainConfig
 from .methods import linear_probe
 from .privacy.checkpoint import private_dir
 from .privacy.randomness import derive_seed
@@ -34,16 +37,11 @@ def fit_head_first(
     model: vit.VisionTransformer,
     blocks: int,
     train_set: Dataset,
+    config: TrainConfig | None = None,
     *,
-    epsilon: float | None,
-    delta: float | None = None,
-    head_epochs: int = 1,
-    head_lr: float | None = None,
-    epochs: int = 1,
-    batch_size: int = 256,
-    lr: float = 0.1,
-    checkpoint_dir: str | Path | None = None,
-    **fit_kwargs: Any,
+    eval_set: Dataset | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **options: Any,
 ) -> FitResult:
     """Private linear probe for ``head_epochs``, then TAFT-``blocks`` around that head for ``epochs``.
 
@@ -54,47 +52,51 @@ def fit_head_first(
 
     Args:
         model: a timm VisionTransformer (copied, never modified).
-        blocks: k of TAFT-k.
-        epsilon, delta: the target of the WHOLE procedure (δ defaults to 1/(10·N)); None
-            trains both stages non-privately.
-        head_epochs: epochs of the probe stage (>= 1); head_lr: its learning rate (default ``lr``).
-        epochs, batch_size, lr, **fit_kwargs: as :func:`dp_taft.fit`, for both stages (its
-            ``accountant`` also splits the budget). ``seed`` None (default): secret randomness;
-            an integer gives each stage its own derived seed (reproducible; voids the guarantee
-            if published).
-        checkpoint_dir: stage checkpoints go to its ``head/`` and ``taft/`` subfolders.
+        blocks: k of TAFT-k (the config's ``blocks`` is not read).
+        config, **options: the :class:`~dp_taft.config.TrainConfig` of both stages, and flat
+            options overriding it, as :func:`dp_taft.fit` takes them; ``epsilon`` and ``delta``
+            are the target of the WHOLE procedure (δ defaults to 1/(10·N); ε None trains both
+            stages non-privately), and ``accountant`` also splits the budget. From the method
+            group: ``head_epochs`` (epochs of the probe stage) and ``head_lr`` (its learning
+            rate; None: ``lr``). ``seed`` None (default): secret randomness; an integer gives
+            each stage its own derived seed (reproducible; voids the guarantee if published).
+            ``checkpoint_dir``: stage checkpoints go to its ``head/`` and ``taft/`` subfolders.
+        eval_set, augment: as :func:`dp_taft.fit`, for both stages.
 
     Returns:
         Stage 2's :class:`FitResult` (the tangent model, around the trained head) with
         ``steps`` counting both stages, as its ``report`` does (segments labelled "head" and
         "taft"); ``history`` is stage 2's.
     """
+    config = (config or TrainConfig()).replace(**options)
+    fit_options = config.fit_options()  # refuses a missing epsilon before any work
+    epsilon, delta, head_epochs = fit_options["epsilon"], fit_options["delta"], config.method.head_epochs
     n = len(train_set)
     # The stages' parent is private too (0700): fit only makes its own stage directory owner-only.
     stage_dirs: tuple[Path | None, Path | None] = (None, None)
-    if checkpoint_dir is not None:
-        root = private_dir(checkpoint_dir)
+    if fit_options["checkpoint_dir"] is not None:
+        root = private_dir(fit_options["checkpoint_dir"])
         stage_dirs = (root / "head", root / "taft")
-    seed = fit_kwargs.pop("seed", None)
+    seed = fit_options["seed"]
     # Explicitly seeded runs give each stage its own stream: reusing one seed would draw
     # the same noise in both stages, which the composed accounting does not cover.
     seeds = (None, None) if seed is None else (derive_seed(seed, 1), derive_seed(seed, 2))
-    common = dict(batch_size=batch_size, **fit_kwargs)
     head_epsilon = None
     if epsilon is not None:
         delta = 1.0 / (10 * n) if delta is None else delta
-        q = batch_size / n
+        q = fit_options["batch_size"] / n
         per_epoch = max(1, round(1 / q))
-        method = fit_kwargs.get("accountant", "pld")
-        sigma = accounting.noise_multiplier(epsilon, delta, q, (head_epochs + epochs) * per_epoch, method=method)
+        method = fit_options["accountant"]
+        sigma = accounting.noise_multiplier(epsilon, delta, q, (head_epochs + fit_options["epochs"]) * per_epoch,
+                                            method=method)
         head_epsilon = accounting.epsilon(sigma, q, head_epochs * per_epoch, delta, method=method)
+    common = dict(eval_set=eval_set, augment=augment, delta=delta)
     probe = linear_probe(model)
-    first = fit(probe, train_set, epsilon=head_epsilon, delta=delta if epsilon is not None else None,
-                epochs=head_epochs, lr=lr if head_lr is None else head_lr, checkpoint_dir=stage_dirs[0],
-                seed=seeds[0], stage="head", **common)
+    head_lr = fit_options["lr"] if config.method.head_lr is None else config.method.head_lr
+    first = fit(probe, train_set, config, epsilon=head_epsilon, epochs=head_epochs, lr=head_lr,
+                checkpoint_dir=stage_dirs[0], seed=seeds[0], stage="head", **common)
     backbone = copy.deepcopy(model)
     backbone.head.load_state_dict(probe.head.state_dict())
-    second = fit(linearize(backbone, blocks), train_set, epsilon=epsilon, delta=delta if epsilon is not None else None,
-                 epochs=epochs, lr=lr, checkpoint_dir=stage_dirs[1], seed=seeds[1], stage="taft",
-                 prior=first.report if first.report is not None else (), **common)
+    second = fit(linearize(backbone, blocks), train_set, config, checkpoint_dir=stage_dirs[1], seed=seeds[1],
+                 stage="taft", prior=first.report if first.report is not None else (), **common)
     return dataclasses.replace(second, steps=first.steps + second.steps)

@@ -4,11 +4,14 @@ Parallel composition (McSherry 2009, Thm 4): each example lies in one shard, so 
 model is (max ε_s, max δ_s)-DP. A removal retrains a shard with fresh noise; releasing the
 models from before and after it composes sequentially for the examples that stayed, which
 ``all_releases_epsilon`` covers. What is assumed public, and why the shard sizes may be, is
-spelled out by :meth:`ShardPrivacyReport.statement`.
+spelled out by :meth:`ShardPrivacyReport.statement`. Its JSON is a parallel report
+(:class:`accounting.ParallelReport`, whose members are the shards' current models) with the
+shard set's own fields added, so ``python -m accounting verify`` checks it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,16 +68,26 @@ class ShardPrivacyReport:
         """How many times each shard was trained."""
         return tuple(len(rounds) for rounds in self.released)
 
+    def as_parallel(self) -> accounting.ParallelReport:
+        """The composed model's guarantee as a parallel report over the shards' current models."""
+        return accounting.ParallelReport(self.per_shard, notes=f"parallel composition over {len(self.released)} "
+                                         "disjoint shards of one shard set (dp_taft.shards.fit_shards)")
+
     def to_dict(self) -> dict[str, Any]:
-        """Named-field JSON form: the statement, the ε's, each shard's current report
-        (``per_shard``) and the reports of the models it replaced (``replaced``, oldest first),
-        from which ``all_releases_epsilon`` can be recomputed."""
-        return {"statement": self.statement(), "epsilon": self.epsilon, "delta": self.delta,
+        """Named-field JSON form: the parallel report of the current models (:meth:`as_parallel`:
+        format, epsilon, delta, notes, members), and the shard set's own fields: the statement,
+        each shard's current report again (``per_shard``) and the reports of the models it
+        replaced (``replaced``, oldest first), from which ``all_releases_epsilon`` can be
+        recomputed (``accounting verify`` lists these fields as not checked)."""
+        return {**self.as_parallel().to_dict(), "statement": self.statement(),
                 "all_releases_epsilon": self.all_releases_epsilon,
                 "all_releases_per_shard": list(self.all_releases_per_shard),
                 "partition_key": "drawn" if self.key_drawn else "given", "rounds": list(self.rounds),
                 "per_shard": [r.to_dict() for r in self.per_shard],
                 "replaced": [[r.to_dict() for r in rounds[:-1]] for rounds in self.released]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
 
     def statement(self) -> str:
         k = len(self.released)

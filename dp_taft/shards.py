@@ -26,17 +26,19 @@ membership off the sizes. With a secret key the sizes depend on the data only th
 (:class:`~dp_taft.shard_report.ShardPrivacyReport` states this precisely). The default key,
 the content ids and the removed ids live only in memory and in ``out_dir``, which is
 owner-only (directories 0700, files 0600) whatever the umask.
+
+Across processes. With an ``out_dir`` the set is kept there (:mod:`dp_taft.shard_store`), and
+:func:`load_shards` brings it back in a later process, where :meth:`ShardSet.forget` works as
+in the one that trained it.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -46,97 +48,21 @@ from typing import Any
 
 import accounting
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from .compose import compose
-from .privacy.checkpoint import atomic_save, private_dir, write_private_text
+from .privacy.checkpoint import private_dir
 from .privacy.distributed import Comm, current
-from .privacy.randomness import derive_seed, secret_seed
+from .privacy.randomness import derive_seed
 from .privacy.validate import check_int
-from .shard_report import HASH_BITS, ShardPrivacyReport
+from .shard_report import ShardPrivacyReport
+from .shard_store import (ShardAssignment, ShardRecord, check_options, content_ids, discard_replaced, json_options,
+                          read_shards, resume_or_create, round_dir, save_shards, unique_ids, write_assignment)
 from .tangent import TangentViT
 from .train import fit
 
-#: In ``out_dir``: the partition (ids, key) and the removed ids, both owner-only.
-ASSIGNMENT_FILE, REMOVED_FILE = "assignment.json", "removed.json"
-
-__all__ = ["ShardAssignment", "ShardSet", "ShardPrivacyReport", "ForgetResult", "fit_shards", "content_ids"]
-
-
-def content_ids(dataset: Dataset) -> tuple[int, ...]:
-    """A stable 63-bit id per example: keyed-free BLAKE2b of its image bytes, dtype, shape
-    and label. It depends on the example alone, so deleting one example changes no other
-    id. Identical examples would share an id and are refused: give them ``ids=`` instead."""
-    ids: list[int] = []
-    seen: dict[int, int] = {}
-    for x, y in DataLoader(dataset, batch_size=1, shuffle=False):
-        h = hashlib.blake2b(digest_size=8)
-        h.update(f"{x.dtype}|{tuple(x.shape[1:])}|{int(y[0])}|".encode())
-        h.update(x[0].contiguous().numpy().tobytes())
-        i = int.from_bytes(h.digest(), "big") >> 1
-        if i in seen:
-            raise ValueError(
-                f"examples {seen[i]} and {len(ids)} are identical (same image and label), so their content ids "
-                "collide; remove the duplicate or pass fit_shards(ids=...) with one stable unique id per example"
-            )
-        seen[i] = len(ids)
-        ids.append(i)
-    return tuple(ids)
-
-
-@dataclass(frozen=True)
-class ShardAssignment:
-    """Which shard holds each example: ``shard_of(id) = H_key(id) mod n_shards``.
-
-    ``H_key`` is keyed BLAKE2b of the example's id; it depends on nothing but the id
-    and the key, which is what makes shards of neighbouring datasets differ in one
-    shard only. ``ids`` are the stable example ids (never positions: deleting one example
-    would shift every later position and move other examples between shards);
-    ``shards[i]`` is the shard of ``ids[i]``. ``key`` must stay secret (it is by default):
-    whoever knows it and the ids can tell from the shard sizes which examples are in.
-    """
-
-    n_shards: int
-    key: int
-    ids: tuple[int, ...]
-    shards: tuple[int, ...]
-
-    @staticmethod
-    def shard_of(example_id: int, key: int, n_shards: int) -> int:
-        digest = hashlib.blake2b(str(int(example_id)).encode(), key=str(key).encode(),
-                                 digest_size=HASH_BITS // 8).digest()
-        return int.from_bytes(digest, "big") % n_shards
-
-    @classmethod
-    def create(cls, ids: Sequence[int], n_shards: int, key: int | None = None) -> "ShardAssignment":
-        """The partition of ``ids`` into ``n_shards``; ``key`` None (default): a secret 128-bit
-        key from the OS CSPRNG (:func:`~dp_taft.privacy.randomness.secret_seed`)."""
-        check_int("n_shards", n_shards, "number of disjoint shards", low=1)
-        if key is None:
-            key = secret_seed()
-        check_int("key", key, "128-bit partition key; None draws a secret one", low=0, high=2**128 - 1)
-        ids = tuple(int(i) for i in ids)
-        if len(set(ids)) != len(ids):
-            raise ValueError("example ids must be unique: each example must sit in exactly one shard")
-        return cls(n_shards, key, ids, tuple(cls.shard_of(i, key, n_shards) for i in ids))
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        """Examples per shard: what the shard reports publish (each shard's dataset size)."""
-        return tuple(self.shards.count(s) for s in range(self.n_shards))
-
-    def positions(self, shard: int, removed: frozenset[int] = frozenset()) -> list[int]:
-        """Dataset positions of the examples in ``shard``, skipping removed ids."""
-        return [p for p, (i, s) in enumerate(zip(self.ids, self.shards)) if s == shard and i not in removed]
-
-    def to_json(self, **extra: Any) -> str:
-        """The assignment (and ``extra`` fields) as JSON: private, it holds the key and the ids."""
-        return json.dumps({**dataclasses.asdict(self), **extra})
-
-    @classmethod
-    def from_json(cls, text: str) -> "ShardAssignment":
-        d = json.loads(text)
-        return cls(d["n_shards"], d["key"], tuple(d["ids"]), tuple(d["shards"]))
+__all__ = ["ShardAssignment", "ShardSet", "ShardPrivacyReport", "ForgetResult", "fit_shards", "load_shards",
+           "content_ids"]
 
 
 @dataclass(frozen=True)
@@ -158,10 +84,13 @@ class ForgetResult:
 class ShardSet:
     """Shard models trained from one w0, their composition and the means to forget.
 
-    Built by :func:`fit_shards`; ``composed`` is the model to use and release.
-    ``rounds[s]``: how many times shard s was trained (1, plus one per removal that hit it);
-    ``released[s]``: the privacy report of each of those rounds. ``key_drawn``: whether
-    the assignment's key was drawn secretly by :func:`fit_shards` (False: given by the caller).
+    Built by :func:`fit_shards`, or by :func:`load_shards` from its ``out_dir``; ``composed`` is
+    the model to use and release. ``rounds[s]``: how many times shard s was trained (1, plus one
+    per removal that hit it); ``released[s]``: the privacy report of each of those rounds.
+    ``key_drawn``: whether the assignment's key was drawn secretly by :func:`fit_shards` (False:
+    given by the caller). ``data_index[p]``: the position in ``train_set`` of the example
+    ``assignment.ids[p]``, None when ``train_set`` lacks it (a reloaded set whose data lost an
+    example); empty: ``train_set`` is the assignment's data, position for position (fit_shards).
     """
 
     base: TangentViT
@@ -179,6 +108,7 @@ class ShardSet:
     train_times: list[float] = field(default_factory=list)
     removed: frozenset[int] = frozenset()
     rounds: list[int] = field(default_factory=list)
+    data_index: tuple[int | None, ...] = ()
 
     @property
     def composed(self) -> TangentViT:
@@ -196,13 +126,16 @@ class ShardSet:
         so a retrained shard never reuses its earlier noise."""
         return None if self.seed is None else derive_seed(self.seed, shard, round_)
 
-    def _train(self, shards: Sequence[int]) -> None:
-        """Train ``shards`` (a new round each): in a distributed launch each rank trains the
-        shards s ≡ rank (mod world) and every rank receives all of them."""
-        for s in shards:
-            self.rounds[s] += 1
+    def _train(self, shards: Sequence[int], removed: frozenset[int], *, retrain: bool = False) -> None:
+        """Train ``shards`` (a new round each) on their examples not in ``removed``: in a distributed
+        launch each rank trains the shards s ≡ rank (mod world) and every rank receives all of
+        them. ``retrain`` (a removal): first clear each shard's stale files (:meth:`_clear`)."""
+        data = {s: self._data_positions(s, removed) for s in shards}  # all checked before anything changes
         mine = [s for s in shards if s % self.comm.world == self.comm.rank]
-        outputs = dict(zip(mine, self._run_jobs([self._job(s) for s in mine])))
+        if retrain:
+            for s in mine:  # the rank that retrains s
+                self._clear(s)
+        outputs = dict(zip(mine, self._run_jobs([self._job(s, data[s]) for s in mine])))
         for part in self.comm.gather(outputs):
             outputs.update(part)
         for s in shards:
@@ -210,22 +143,41 @@ class ShardSet:
             model = copy.deepcopy(self.base)
             model.load_delta_state_dict(delta_state)
             self.models[s] = model
+            self.rounds[s] += 1
             self.reports[s] = None if report_json is None else accounting.PrivacyReport.from_json(report_json)
             if self.reports[s] is not None:
                 self.released[s].append(self.reports[s])
             self.train_times[s] = seconds
 
-    def _job(self, s: int) -> tuple[Any, ...]:
-        positions = self.assignment.positions(s, self.removed)
-        if not positions:
+    def _data_positions(self, s: int, removed: frozenset[int]) -> list[int]:
+        """Positions in ``train_set`` of shard ``s``'s examples not in ``removed``; ValueError when it
+        has none, or when ``train_set`` lacks one of them (the shard cannot be retrained without it)."""
+        kept = self.assignment.positions(s, removed)
+        if not kept:
             raise ValueError(f"shard {s} has no examples left; use fewer shards")
-        ckpt = None
+        index = self.data_index or range(len(self.assignment.ids))
+        missing = [self.assignment.ids[p] for p in kept if index[p] is None]
+        if missing:
+            raise ValueError(f"shard {s} must be retrained, but {len(missing)} of its examples are not in the training "
+                             f"data given (ids {missing[:5]}): give the data it was trained on, or forget them too")
+        return [index[p] for p in kept]
+
+    def _clear(self, s: int) -> None:
+        """Before retraining shard ``s``: delete its cached features (the removed examples' go too,
+        not only the model) and any checkpoint of the round about to run, which a removal that was
+        interrupted left: that round released nothing, and it may have trained on ids removed now."""
+        if self.fit_kwargs.get("cache_dir") is not None:
+            shutil.rmtree(self.shard_cache_dir(s), ignore_errors=True)
         if self.out_dir is not None:
-            ckpt = self.out_dir / f"shard_{s:03d}" / f"round_{self.rounds[s]:03d}"
+            shutil.rmtree(round_dir(self.out_dir, s, self.rounds[s] + 1), ignore_errors=True)
+
+    def _job(self, s: int, positions: list[int]) -> tuple[Any, ...]:
+        round_ = self.rounds[s] + 1
+        ckpt = None if self.out_dir is None else round_dir(self.out_dir, s, round_)
         kwargs = dict(self.fit_kwargs)
         if kwargs.get("cache_dir") is not None:
             kwargs["cache_dir"] = self.shard_cache_dir(s)
-        return self.base, Subset(self.train_set, positions), kwargs, self.shard_seed(s, self.rounds[s]), ckpt
+        return self.base, Subset(self.train_set, positions), kwargs, self.shard_seed(s, round_), ckpt
 
     def shard_cache_dir(self, s: int) -> Path:
         """Shard ``s``'s own prefix-cache folder under ``fit_kwargs["cache_dir"]``: its features of the
@@ -242,8 +194,10 @@ class ShardSet:
 
     def forget(self, ids: Iterable[int]) -> ForgetResult:
         """Remove the examples with these ids: retrain from w0, without them and with fresh
-        randomness, only the shards that held them, then recompose. Other shards keep the
-        very same model objects."""
+        randomness, only the shards that held them, then recompose (and, with an ``out_dir``,
+        save). Other shards keep the very same model objects. An id being removed may be
+        missing from ``train_set`` (a reloaded set's data); the other examples of the shards
+        to retrain may not, and then nothing changes (ValueError)."""
         ids = tuple(sorted({int(i) for i in ids}))
         known = set(self.assignment.ids)
         unknown = [i for i in ids if i not in known]
@@ -254,32 +208,26 @@ class ShardSet:
         start = time.perf_counter()
         shard_of = dict(zip(self.assignment.ids, self.assignment.shards))
         shards = sorted({shard_of[i] for i in new})
-        self.removed = self.removed | frozenset(new)
-        if self.fit_kwargs.get("cache_dir") is not None:
-            for s in shards:  # the stored features of the removed examples go too, not only the model
-                if s % self.comm.world == self.comm.rank:  # the rank that retrains it
-                    shutil.rmtree(self.shard_cache_dir(s), ignore_errors=True)
-        self._train(shards)
-        self._save()
+        removed = self.removed | frozenset(new)
+        self._train(shards, removed, retrain=True)
+        self.removed = removed
+        self._save(shards)
+        if self.out_dir is not None and self.comm.main:
+            discard_replaced(self.out_dir, shards, self.rounds)
         return ForgetResult(tuple(shards), ids, time.perf_counter() - start, full)
 
-    def _save_assignment(self) -> None:
-        """Write the assignment (and the removals) ahead of any training, so that a relaunch into
-        the same ``out_dir`` resumes the same partition (:func:`_resume_or_create`)."""
-        if self.out_dir is None or not self.comm.main:
-            return  # out_dir was made owner-only (private_dir) when the ShardSet was built
-        write_private_text(self.out_dir / ASSIGNMENT_FILE, self.assignment.to_json(key_drawn=self.key_drawn))
-        write_private_text(self.out_dir / REMOVED_FILE, json.dumps(sorted(self.removed)))
-
-    def _save(self) -> None:
-        """Owner-only, whatever the umask: the assignment holds the secret key and the content
-        ids (anyone holding a candidate example can hash it and look it up), removed.json who
-        asked to be forgotten, and the Δw are what the composition is made of."""
+    def _save(self, trained: Sequence[int]) -> None:
+        """Keep the set in ``out_dir`` (rank 0 writes): the Δw of the shards just ``trained`` and the
+        record of the whole set (:func:`~dp_taft.shard_store.save_shards`), owner-only whatever the
+        umask: the assignment holds the secret key and the content ids (anyone holding a candidate
+        example can hash it and look it up), removed.json who asked to be forgotten, and the Δw
+        are what the composition is made of."""
         if self.out_dir is None or not self.comm.main:
             return
-        self._save_assignment()
-        for s, model in enumerate(self.models):
-            atomic_save(model.delta_state_dict(), private_dir(self.out_dir / f"shard_{s:03d}") / "delta.pt")
+        record = ShardRecord(self.base.fingerprint(), self.seed, json_options(self.fit_kwargs), tuple(self.rounds),
+                             tuple(tuple(r) for r in self.released), tuple(self.train_times), self.removed)
+        save_shards(self.out_dir, self.assignment, self.key_drawn, record,
+                    {s: self.models[s].delta_state_dict() for s in trained})
 
 
 def _train_shard(base: TangentViT, data: Dataset, fit_kwargs: dict[str, Any], seed: int | None,
@@ -294,31 +242,23 @@ def _train_shard(base: TangentViT, data: Dataset, fit_kwargs: dict[str, Any], se
     return deltas, None if result.report is None else result.report.to_json(), seconds
 
 
-def _resume_or_create(out_dir: Path | None, ids: Sequence[int], n_shards: int,
-                      key: int | None) -> tuple[ShardAssignment, bool]:
-    """(assignment, whether its key was drawn here): the one ``out_dir`` holds, for a relaunch that
-    resumes the shards' checkpoints on the very partition they were trained on, else a new one.
 
-    A new secret key on relaunch would move examples between shards while each shard resumes
-    a checkpoint trained on its old examples: parallel composition and removal would both
-    fail silently. So a different partition (ids, shard count or key) is refused, and so is
-    an ``out_dir`` holding shards but no assignment, or one where removals already happened.
-    """
-    if out_dir is not None and (out_dir / ASSIGNMENT_FILE).exists():
-        text = (out_dir / ASSIGNMENT_FILE).read_text()
-        stored = ShardAssignment.from_json(text)
-        removed = json.loads((out_dir / REMOVED_FILE).read_text()) if (out_dir / REMOVED_FILE).exists() else []
-        same = (stored.n_shards == n_shards and stored.ids == tuple(int(i) for i in ids)
-                and key in (None, stored.key))
-        if removed or not same:
-            why = "examples were removed from it since" if removed else "other ids, shard count or key"
-            raise ValueError(f"{out_dir} holds a shard set trained on another partition ({why}); use a new "
-                             "out_dir, or the same data, n_shards and key to resume an interrupted fit_shards")
-        return stored, bool(json.loads(text).get("key_drawn", False))
-    if out_dir is not None and any(out_dir.glob("shard_*")):
-        raise ValueError(f"{out_dir} holds shard checkpoints but no {ASSIGNMENT_FILE}: their partition is unknown; "
-                         "use a new out_dir")
-    return ShardAssignment.create(ids, n_shards, key), key is None
+def _zero_base(model: TangentViT, caller: str) -> TangentViT:
+    """A CPU copy of ``model`` with Δw = 0: the w0 every shard trains from."""
+    if not isinstance(model, TangentViT):
+        raise ValueError(f"{caller}() takes a TangentViT (dp_taft.linearize), got {type(model).__name__}")
+    base = copy.deepcopy(model).cpu()
+    with torch.no_grad():
+        for p in base.deltas().values():
+            p.zero_()
+    return base
+
+
+def _refuse_shard_options(fit_kwargs: dict[str, Any]) -> None:
+    """Each shard's seed and checkpoint_dir derive from the set's, and a shard is one process's job."""
+    if {"seed", "checkpoint_dir", "distributed"} & set(fit_kwargs):
+        raise ValueError("pass seed=, out_dir= and distributed= to fit_shards itself (load_shards takes the stored "
+                         "seed and out_dir); each shard derives its own seed and checkpoint_dir")
 
 
 def fit_shards(
@@ -353,8 +293,9 @@ def fit_shards(
             integer makes runs reproducible (round r of shard s uses a seed derived from
             (seed, s, r)); the guarantee then requires the seed to stay secret.
         workers: parallel worker processes (spawned; each gets cores // workers threads).
-        out_dir: where the assignment, each shard's checkpoints and Δw are kept (rank 0 writes);
-            private data: it and everything in it are made owner-only (0700 / 0600).
+        out_dir: where the whole set is kept (:mod:`dp_taft.shard_store`; rank 0 writes), for
+            :func:`load_shards` in a later process; private data: it and everything in it are
+            made owner-only (0700 / 0600).
         distributed: None (default): under ``torchrun`` (or in an initialised process group),
             rank r trains the shards s ≡ r (mod world) and every rank gets every shard model,
             also on :meth:`ShardSet.forget`; False: this process trains every shard.
@@ -366,20 +307,14 @@ def fit_shards(
     Returns:
         A :class:`ShardSet`: ``.composed`` model, ``.models`` per shard, ``.report``.
     """
-    if not isinstance(model, TangentViT):
-        raise ValueError(f"fit_shards() takes a TangentViT (dp_taft.linearize), got {type(model).__name__}")
-    if {"seed", "checkpoint_dir", "distributed"} & set(fit_kwargs):
-        raise ValueError("pass seed=, out_dir= and distributed= to fit_shards itself; each shard derives its own")
+    _refuse_shard_options(fit_kwargs)
     check_int("workers", workers, "parallel worker processes", low=1)
-    base = copy.deepcopy(model).cpu()
-    with torch.no_grad():
-        for p in base.deltas().values():
-            p.zero_()
+    base = _zero_base(model, "fit_shards")
     comm = current(torch.device("cpu"), distributed)
     ids = content_ids(train_set) if ids is None else ids
     # Every rank uses rank 0's assignment: a key drawn on each rank would partition differently.
-    assignment, key_drawn = comm.broadcast(_resume_or_create(None if out_dir is None else Path(out_dir), ids,
-                                                             n_shards, key))
+    assignment, key_drawn = comm.broadcast(resume_or_create(None if out_dir is None else Path(out_dir), ids,
+                                                            n_shards, key))
     if len(assignment.ids) != len(train_set):
         raise ValueError(f"got {len(assignment.ids)} ids for {len(train_set)} examples; give one id per example")
     shard_set = ShardSet(
@@ -388,7 +323,78 @@ def fit_shards(
         models=[base] * n_shards, reports=[None] * n_shards, released=[[] for _ in range(n_shards)],
         train_times=[0.0] * n_shards, rounds=[0] * n_shards,
     )
-    shard_set._save_assignment()
-    shard_set._train(range(n_shards))
-    shard_set._save()
+    if shard_set.out_dir is not None and comm.main:  # ahead of training: a relaunch resumes this partition
+        write_assignment(shard_set.out_dir, assignment, key_drawn, frozenset())
+    shard_set._train(range(n_shards), frozenset())
+    shard_set._save(range(n_shards))
     return shard_set
+
+
+def load_shards(out_dir: str | Path, model: TangentViT, train_set: Dataset, *, ids: Sequence[int] | None = None,
+                workers: int = 1, distributed: bool | None = None, **fit_kwargs: Any) -> ShardSet:
+    """The shard set that :func:`fit_shards` (and every :meth:`ShardSet.forget` since) kept in
+    ``out_dir``, in this process: models, reports, rounds, removed ids, seed and partition, so
+    that ``forget`` works exactly as in the process that trained it.
+
+    Args:
+        out_dir: the ``out_dir`` given to :func:`fit_shards`; ``forget`` keeps saving there.
+        model: the base the set was trained from (w0 and linearized blocks; its Δw is ignored),
+            refused unless its :meth:`~TangentViT.fingerprint` is the one stored.
+        train_set: the training data now. Its examples are matched to the stored partition by
+            id, not position (their order may differ). An example the set holds may be missing
+            (its file deleted) if it was removed or is being removed; any other missing one is
+            refused, by id, when its shard must be retrained. Examples the set does not hold
+            are ignored with a warning: they were never trained on; to include them, train a
+            new shard set.
+        ids: one stable id per example of ``train_set``, as given to fit_shards; default: their
+            :func:`content_ids`.
+        workers, distributed: as in :func:`fit_shards`.
+        **fit_kwargs: the fit options to retrain shards with: pass the same as to fit_shards.
+            Those that define the mechanism (:data:`~dp_taft.shard_store.PRIVACY_OPTIONS`:
+            epsilon, delta, batch_size, epochs, max_grad_norm, accountant, clipping, secure_mode)
+            must equal the stored ones (an option left out counts as unset): a shard retrained
+            with others would not be the mechanism the set's report states. The others (lr, ...)
+            are the caller's: a retrained shard is what fit gives with them. Options JSON cannot
+            hold (augment, prior, ...) are not stored and cannot be checked: pass the same.
+
+    Raises:
+        ValueError: no finished shard set in ``out_dir``, another base (both fingerprints named),
+            other privacy options, or ids not unique or not one per example of ``train_set``.
+    """
+    _refuse_shard_options(fit_kwargs)
+    check_int("workers", workers, "parallel worker processes", low=1)
+    base = _zero_base(model, "load_shards")
+    out = Path(out_dir)
+    comm = current(torch.device("cpu"), distributed)
+    # rank 0 reads (out_dir may be on its disk alone) and every rank gets its copy
+    assignment, key_drawn, record, deltas = comm.broadcast(comm.on_main(lambda: read_shards(out)))
+    if base.fingerprint() != record.fingerprint:
+        raise ValueError(f"the model given has base fingerprint {base.fingerprint()}, but the shard set in {out} was "
+                         f"trained from base fingerprint {record.fingerprint}: pass the model it was trained from "
+                         "(the same pretrained weights, linearized with the same blocks)")
+    check_options(record.options, fit_kwargs, out)
+    models = []
+    for delta in deltas:
+        models.append(copy.deepcopy(base))
+        models[-1].load_delta_state_dict(delta)
+    released = [list(rounds) for rounds in record.released]
+    return ShardSet(
+        base, train_set, assignment, dict(fit_kwargs), record.seed, workers, private_dir(out), comm,
+        key_drawn=key_drawn, models=models, reports=[rounds[-1] if rounds else None for rounds in released],
+        released=released, train_times=list(record.train_times), removed=record.removed, rounds=list(record.rounds),
+        data_index=_data_index(assignment, content_ids(train_set) if ids is None else ids, len(train_set), out),
+    )
+
+
+def _data_index(assignment: ShardAssignment, ids: Sequence[int], n: int, out_dir: Path) -> tuple[int | None, ...]:
+    """The position among ``ids`` (the ``n`` examples given now) of each id of ``assignment``, None
+    when absent; warns of the examples given that the set does not hold."""
+    ids = unique_ids(ids)
+    if len(ids) != n:
+        raise ValueError(f"got {len(ids)} ids for {n} examples; give one id per example")
+    where = {i: p for p, i in enumerate(ids)}
+    new = len(where.keys() - set(assignment.ids))
+    if new:
+        warnings.warn(f"{new} example(s) of train_set are not in the shard set of {out_dir} and are ignored: they "
+                      "were never trained on; to include them, train a new shard set (fit_shards)", stacklevel=3)
+    return tuple(where.get(i) for i in assignment.ids)

@@ -28,12 +28,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .losses import make_loss
+from .config import ACCOUNTANTS, FIT_OPTIONS, OPTIMIZERS, OPTIONS, TrainConfig, describe_unknown
 from .postprocessing import StepPostProcessing
 from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, load_checkpoint, private_dir
-from .privacy.data import FromPrefix, Indexed, cache_prefix, resolve_train_set
+from .privacy.data import FromPrefix, Indexed, cache_prefix, collate_examples, resolve_train_set
 from .privacy.distributed import current as distributed_comm
-from .privacy.distributed import local_device
+from .privacy.distributed import Comm, local_device
 from .privacy.engine import GradSampleHook, PrivateEngine
 from .privacy.loop import EpochLoop, RunState
 from .privacy.plan import Plan, open_ledger
@@ -43,14 +43,6 @@ from .privacy.validate import check_arguments, check_data, require_trainable, re
 
 __all__ = ["fit", "evaluate", "FitResult", "EpochRecord", "OPTIMIZERS", "ACCOUNTANTS"]
 
-#: name -> factory(params, lr, momentum, weight_decay).
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, lr, momentum, wd: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd),
-    "adam": lambda params, lr, momentum, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-    "adamw": lambda params, lr, momentum, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
-}
-#: Accounting methods of :mod:`accounting` that ``fit(accountant=...)`` accepts.
-ACCOUNTANTS = ("pld", "rdp")
 
 
 @dataclass(frozen=True)
@@ -96,103 +88,38 @@ class FitResult:
 def fit(
     model: nn.Module,
     train_set: Dataset | DataLoader,
+    config: TrainConfig | None = None,
     *,
-    epsilon: float | None,
-    delta: float | None = None,
-    epochs: int = 1,
-    batch_size: int = 256,
-    max_grad_norm: float = 1.0,
-    lr: float = 0.1,
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    loss: str = "ce",
-    kappa: float = 15.0,
     eval_set: Dataset | None = None,
-    physical_batch_size: int | None = None,
-    grad_sample_mode: str = "auto",
-    accountant: str = "pld",
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    cache_prefix: bool | str = "auto",
-    cache_dir: str | Path | None = None,
-    cache_dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    seed: int | None = None,
-    secure_mode: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 50,
-    quiet: bool = False,
-    show_train_loss: bool = False,
-    num_workers: int = 0,
     prior: Sequence[accounting.Segment] | accounting.PrivacyReport = (),
     stage: str | None = None,
     grad_sample_hook: GradSampleHook | None = None,
-    distributed: bool | None = None,
-    lr_schedule: str = "constant",
-    warmup: float = 0.0,
-    clipping: str = "flat",
-    clipping_gamma: float = 0.01,
-    averaging: str | None = None,
-    tail_fraction: float = 0.5,
-    ema_decay: float = 0.99,
+    **options: Any,
 ) -> FitResult:
-    """Train ``model`` with DP-SGD to an (``epsilon``, ``delta``) target, or non-privately.
+    """Train ``model`` with DP-SGD to the (ε, δ) target of its options, or non-privately.
+
+    The options (ε, δ, epochs, batch size, learning rate, clipping, caching, device,
+    checkpoints, ...) are those of :class:`~dp_taft.config.TrainConfig`'s ``privacy``,
+    ``optim``, ``data`` and ``run`` groups, documented there: pass a ``config``, flat
+    keywords (``fit(model, data, epsilon=3.0, lr=0.5)``), or both (keywords override the
+    config). ``epsilon`` has no default: a target ε > 0, or None to train without privacy
+    (no clipping, no noise, no report). The config's ``method`` group is not read here
+    (:func:`dp_taft.finetune` builds the model it names).
 
     Args:
         model: a module with ``num_classes`` whose trainable parameters all sit in layers
             Opacus samples exactly, e.g. from :mod:`dp_taft.methods` (TAFT, NLFT, probe).
             Trained in place and returned as ``result.model``.
         train_set: a map-style dataset of (image (C, H, W) float, integer label), or an
-            Opacus ``DPDataLoader`` (its dataset and sample rate are used).
-        epsilon: target ε > 0; None trains without privacy (no clipping, no noise, no report).
-        delta: target δ in (0, 1/N); None means 1/(10·N).
-        epochs: >= 1; the plan is T = epochs·round(1/q) steps with q = batch_size/N.
-        batch_size: expected logical (Poisson) batch size, in [1, N].
-        max_grad_norm: per-sample clipping norm C > 0.
-        lr, optimizer ("sgd", "adam", "adamw"), momentum (SGD, in [0, 1)), weight_decay (>= 0).
-        loss: "ce" (cross-entropy) or "square" (mean over classes of (f − κ·onehot)²), κ = ``kappa``.
+            Opacus ``DPDataLoader`` (its dataset and sample rate are used). Pretrained weights
+            expect their own input size and normalisation: transform the images with
+            ``dp_taft.backbone.eval_transform(data_config(vit))`` (e.g. through
+            ``dp_taft.images.load_images(folder, transform)``).
+        config: the options; None: the defaults (then ``epsilon`` must be a keyword).
         eval_set: dataset evaluated (loss, accuracy) at every epoch end; not privacy-protected.
-        physical_batch_size: largest batch run at once (memory); default ``batch_size``.
-        grad_sample_mode: "auto" (default): "bk" where it applies (every trainable layer has a
-            book-keeping rule, no grad_sample_hook, flat clipping), else "hooks". "bk":
-            book-keeping clipping (:mod:`dp_taft.privacy.bookkeeping`: per-sample norms and the
-            clipped sum from one backward, no per-sample gradient tensor); "hooks": Opacus'
-            per-sample gradients; "ghost": Opacus' ghost clipping. All exact, same noise.
-        accountant: "pld" or "rdp" (:mod:`accounting` method).
         augment: callable applied to each physical image batch (B, C, H, W) -> same shape;
             disables the prefix cache.
-        cache_prefix: for models with ``prefix``/``forward_from_prefix`` and no ``augment``,
-            compute the frozen prefix once per example and train from the cache
-            (:mod:`dp_taft.privacy.prefix_cache`). "auto" (default): in RAM when it needs at
-            most half the available memory, else in a memory-mapped file, saying which and why
-            (logged, and printed unless ``quiet``); True or "ram": in RAM; "disk": a
-            memory-mapped file; False: no cache (the prefix runs at every step).
-        cache_dir: directory where the cache is written as a file and kept; a later ``fit`` with
-            the same frozen prefix (its w0 and k; the head does not count), the same data and
-            ``cache_dtype`` maps it instead of computing the prefix again. None: RAM, or a
-            temporary directory deleted after the run. It holds features of the private data.
-        cache_dtype: storage of the cached values: None or "float32" (exact: the result of the
-            uncached run), "bf16" (half the bytes; each value rounded to 8 significant bits,
-            relative error <= 2^-8) or "fp16" (<= 2^-11; values beyond |x| = 65504 refused).
-        device: where training runs ("cpu", "cuda", ...).
-        seed: None (default): the noise, the Poisson batches and the augmentation draw from
-            a secret seed taken from the OS CSPRNG and kept only in the private checkpoint.
-            A non-negative integer makes the run reproducible, for experiments only: the
-            guarantee assumes the randomness is secret, and a published seed voids it.
-        secure_mode: draw the noise and the Poisson coin flips from the OS CSPRNG itself,
-            each noise coordinate hardened against floating-point attacks
-            (:mod:`dp_taft.privacy.randomness`); slower, never reproducible, so no ``seed``.
-        checkpoint_dir: makes the run resumable (see :mod:`dp_taft.privacy.checkpoint`): call ``fit``
-            again with the same directory and privacy settings. After a clean stop the run continues
-            exactly; after a crash, the steps reserved since the last checkpoint stay counted and the
-            resumed run draws fresh batches and noise (re-releasing a step with the same randomness
-            on a slightly different gradient would leak), so it may stop early at the budget.
-        checkpoint_every: steps between checkpoints (>= 1); also the ledger's reservation block.
-        quiet: no progress bars.
-        show_train_loss: also print the training loss (running, and per epoch). It is a noiseless
-            statistic of the private training data that the guarantee does NOT cover, so it is off
-            by default and labelled "not private" when shown; ``history`` always holds it (in memory).
-        num_workers: DataLoader worker processes (>= 0).
         prior: DP-SGD segments already run on the SAME private data, or the report of that
             earlier run (e.g. a first stage's ``result.report``). They are written first into
             the ledger, σ is calibrated so that prior + this run ends at ``epsilon``, and the
@@ -209,63 +136,45 @@ def fit(
             ``grad_sample_mode="bk"`` ("auto" picks "hooks" for any hook): its claimed rows skip
             the forward and backward, and it adds their gradients to the clipped sum unclipped:
             they are trusted (an auditing instrument), so one of norm > C voids the guarantee.
-        distributed: None (default): data-parallel over the ranks when run under ``torchrun``
-            (WORLD_SIZE > 1) or in an initialised process group with several ranks
-            (:mod:`dp_taft.privacy.distributed`): one model, each rank sampling and clipping its
-            part of every Poisson batch, noise σ·C added once per step, the same report as a
-            single process; rank 0 writes ledger and checkpoints (put ``checkpoint_dir`` on a
-            file system every rank reads). False: a single-process run even in a process group.
-        lr_schedule: "constant", "cosine" or "linear" decay over the planned steps, after
-            ``warmup`` (fraction of the planned steps in [0, 1)) of linear warm-up (:mod:`dp_taft.schedules`).
-        clipping: "flat" (each per-sample gradient scaled to norm at most C) or "automatic"
-            (normalised: g·C/(‖g‖ + ``clipping_gamma``), Bu et al. 2023; hooks mode), same sensitivity C.
-        averaging: None, "tail" (uniform average of the last ``tail_fraction`` in (0, 1] of the
-            planned steps) or "ema" (bias-corrected exponential average, ``ema_decay`` in (0, 1)
-            per step) of the iterates (:mod:`dp_taft.averaging`); the returned model and each
-            epoch's evaluation use the average. Post-processing: the report does not change.
+        **options: flat option names of ``config``'s privacy/optim/data/run groups.
 
     Raises:
-        ValueError / UnsupportedModelError: bad arguments, data or model, with what to change;
-            always before any step is taken.
+        TypeError: an unknown option name (the message names it and the known ones).
+        ValueError / UnsupportedModelError: bad options, data or model (including a missing
+            ``epsilon``), with what to change; always before any step is taken.
     """
     # ---- 1. the plan: arguments, model, data, and σ calibrated for the whole run
-    args = check_arguments(locals(), optimizers=tuple(OPTIMIZERS), accountants=ACCOUNTANTS)
+    args = check_arguments(_options(config, options).fit_options(), prior=prior, stage=stage, augment=augment,
+                           grad_sample_hook=grad_sample_hook)
     params = require_trainable(model)
-    grad_sample_mode = resolve_grad_sample_mode(
-        model, grad_sample_mode, per_sample_needed=grad_sample_hook is not None or clipping == "automatic")
+    mode = resolve_grad_sample_mode(model, args["grad_sample_mode"],
+                                    per_sample_needed=grad_sample_hook is not None or args["clipping"] == "automatic")
     dataset, sample_rate, physical, delta = check_data(model, train_set, eval_set, args)
-    prior_segments, prior_stages = _prior_history(args["prior"])
+    prior_segments, prior_stages = _prior_history(prior)
     plan = Plan(epsilon=args["epsilon"], delta=delta, sample_rate=sample_rate, max_grad_norm=args["max_grad_norm"],
-                dataset_size=len(dataset), accountant=accountant, prior=prior_segments, epochs=args["epochs"],
-                secure_mode=secure_mode)
+                dataset_size=len(dataset), accountant=args["accountant"], prior=prior_segments, epochs=args["epochs"],
+                secure_mode=args["secure_mode"])
 
     # ---- 2. ledger and checkpoint: rank 0 writes them and decides the run's state
-    device = torch.device(device)
-    comm = distributed_comm(device, distributed)
-    device = local_device(device, comm)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    state = None
-    if ckpt_dir is not None:
-        private_dir(ckpt_dir)  # 0700 whatever the umask: it will hold the run's secret key
-        state = load_checkpoint(ckpt_dir / CHECKPOINT_FILE)
-    plan = plan.calibrated() if state is None else plan.resumed(state["plan"], ckpt_dir)
-    ledger = comm.on_main(lambda: open_ledger(plan, ckpt_dir, None if state is None else state["ledger_steps"]))
-    run = comm.broadcast(RunState.start(seed, ledger) if state is None else RunState.resume(state, ledger, seed))
+    comm = distributed_comm(torch.device(args["device"]), args["distributed"])
+    device = local_device(torch.device(args["device"]), comm)
+    ckpt_dir = args["checkpoint_dir"]
+    plan, state, ledger, run = _open_run(plan, ckpt_dir, args["seed"], comm)
 
     # ---- 3. the private engine
     model.to(device)
-    use_cache = cache_prefix and augment is None and hasattr(model, "prefix") and hasattr(model, "forward_from_prefix")
-    train_data, eval_data, module = _training_view(model, dataset, eval_set, use_cache, physical, device, quiet,
-                                                   (cache_prefix, cache_dir, cache_dtype))
-    noise = NoiseStream(device, secure_mode)
+    use_cache = augment is None and hasattr(model, "prefix") and hasattr(model, "forward_from_prefix")
+    train_data, eval_data, module = _training_view(model, dataset, eval_set, use_cache, physical, device, args)
+    noise = NoiseStream(device, args["secure_mode"])
     engine = PrivateEngine.build(
-        model, module, OPTIMIZERS[optimizer](params, args["lr"], args["momentum"], args["weight_decay"]),
-        args["criterion"], grad_sample_mode=grad_sample_mode, noise_multiplier=plan.noise_multiplier,
+        model, module, OPTIMIZERS[args["optimizer"]](params, args["lr"], args["momentum"], args["weight_decay"]),
+        args["criterion"], grad_sample_mode=mode, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=None if plan.epsilon is None else plan.max_grad_norm,
         expected_batch_size=sample_rate * len(dataset), noise=noise, hook=grad_sample_hook, comm=comm,
-        normalize=(plan.max_grad_norm, clipping_gamma) if clipping == "automatic" else None,
+        normalize=(plan.max_grad_norm, args["clipping_gamma"]) if args["clipping"] == "automatic" else None,
     )
-    post = StepPostProcessing.build(engine, params, plan, lr_schedule, warmup, averaging, tail_fraction, ema_decay)
+    post = StepPostProcessing.build(engine, params, plan, args["lr_schedule"], args["warmup"], args["averaging"],
+                                    args["tail_fraction"], args["ema_decay"])
     if state is not None:
         _load_trainable(model, state["trainable"])
         engine.optimizer.load_state_dict(state["optimizer"])
@@ -280,8 +189,9 @@ def fit(
 
     # ---- 4. the epoch loop
     loop = EpochLoop(engine, plan, ledger, comm, block=args["checkpoint_every"], physical=physical, device=device,
-                     augment=None if use_cache else augment, num_workers=args["num_workers"], quiet=quiet,
-                     show_loss=show_train_loss, after_step=post.after_step)
+                     augment=augment,  # None whenever the cache is used
+                     num_workers=args["num_workers"], quiet=args["quiet"], show_loss=args["show_train_loss"],
+                     after_step=post.after_step)
     stopped = False
     with engine.training():
         while run.epoch < plan.epochs and not stopped:
@@ -290,8 +200,8 @@ def fit(
             with post.evaluated():
                 history.append(_epoch_record(run, module, eval_data, args["criterion"], physical, device, ledger,
                                              started))
-            if not quiet:
-                tqdm.write(_describe(history[-1], plan.epochs, show_train_loss))
+            if not args["quiet"]:
+                tqdm.write(_describe(history[-1], plan.epochs, args["show_train_loss"]))
             if not stopped:
                 run.next_epoch()
             save()
@@ -309,6 +219,33 @@ def fit(
 
 
 # --------------------------------------------------------------------------- helpers
+def _options(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
+    """``config`` (default: the defaults) with fit's keyword ``options``; TypeError for a name
+    fit does not take, as Python's own for an unexpected keyword."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"fit()'s config must be a dp_taft.TrainConfig or None, got {type(config).__name__} "
+                        "(pass the options as keywords, or TrainConfig.create(**options))")
+    unknown = set(options) - FIT_OPTIONS
+    if unknown:
+        method = " (method options are read by dp_taft.finetune, not by fit)" if unknown <= set(OPTIONS) else ""
+        raise TypeError(f"fit() got an {describe_unknown('option', unknown, FIT_OPTIONS)}{method}")
+    return (config or TrainConfig()).replace(**options)
+
+
+def _open_run(plan: Plan, ckpt_dir: Path | None, seed: int | None, comm: Comm
+              ) -> tuple[Plan, dict[str, Any] | None, Any, RunState]:
+    """(calibrated or resumed plan, checkpoint state or None, ledger (rank 0; None when non-private),
+    run state) from ``ckpt_dir``'s checkpoint if there is one."""
+    state = None
+    if ckpt_dir is not None:
+        private_dir(ckpt_dir)  # 0700 whatever the umask: it will hold the run's secret key
+        state = load_checkpoint(ckpt_dir / CHECKPOINT_FILE)
+    plan = plan.calibrated() if state is None else plan.resumed(state["plan"], ckpt_dir)
+    ledger = comm.on_main(lambda: open_ledger(plan, ckpt_dir, None if state is None else state["ledger_steps"]))
+    run = comm.broadcast(RunState.start(seed, ledger) if state is None else RunState.resume(state, ledger, seed))
+    return plan, state, ledger, run
+
+
 def _prior_history(prior: Sequence[accounting.Segment] | accounting.PrivacyReport
                    ) -> tuple[tuple[accounting.Segment, ...], tuple[str, ...]]:
     """(segments, their stage labels; empty when unlabelled) of ``fit``'s ``prior``."""
@@ -318,19 +255,18 @@ def _prior_history(prior: Sequence[accounting.Segment] | accounting.PrivacyRepor
 
 
 def _training_view(model: nn.Module, dataset: Dataset, eval_set: Dataset | None, use_cache: bool, physical: int,
-                   device: torch.device, quiet: bool,
-                   cache: tuple[bool | str, str | Path | None, str | torch.dtype | None],
-                   ) -> tuple[Dataset, Dataset | None, nn.Module]:
+                   device: torch.device, args: dict[str, Any]) -> tuple[Dataset, Dataset | None, nn.Module]:
     """(indexed training data, evaluation data, module to train): from cached prefix outputs
-    through :class:`FromPrefix` when ``use_cache``, else the images through ``model``.
-    ``cache`` is fit's (cache_prefix, cache_dir, cache_dtype), checked even when no cache is used."""
-    spec = CacheSpec.parse(*cache)
+    through :class:`FromPrefix` when ``use_cache`` and fit's cache options (``args``) allow it,
+    else the images through ``model``."""
+    spec = CacheSpec.parse(args["cache_prefix"], args["cache_dir"], args["cache_dtype"])
     if not use_cache or spec is None:
         return Indexed(dataset), eval_set, model
     model.eval()
-    cached = cache_prefix(model, dataset, batch_size=physical, device=device, quiet=quiet, desc="train", spec=spec)
+    cached = cache_prefix(model, dataset, batch_size=physical, device=device, quiet=args["quiet"], desc="train",
+                          spec=spec)
     cached_eval = None if eval_set is None else cache_prefix(
-        model, eval_set, batch_size=physical, device=device, quiet=quiet, desc="eval", spec=spec)
+        model, eval_set, batch_size=physical, device=device, quiet=args["quiet"], desc="eval", spec=spec)
     return Indexed(cached), cached_eval, FromPrefix(model)
 
 
@@ -379,7 +315,7 @@ def evaluate(module: nn.Module, data: Dataset, criterion: nn.Module, batch_size:
     """(mean loss, accuracy in [0, 1]) of ``module`` on ``data`` of (input, label), in eval mode."""
     module.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+    for x, y in DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_examples):
         x, y = x.to(device), y.to(device)
         logits = module(x)
         loss_sum += float(criterion(logits, y)) * len(y)

@@ -33,6 +33,8 @@ import torch
 
 from experiments import results as res
 from experiments import sweep as sw
+from experiments import sweep_config as sc
+from experiments.sweep_outputs import CSV_NAME
 
 __all__ = ["AXES", "main", "points"]
 
@@ -79,7 +81,7 @@ def sweep_argv(axis: str, value: int, args: argparse.Namespace, out: Path) -> li
         path = backbone_checkpoint(value, args.cache_dir)
         argv += ["--checkpoint", str(path)] if path else []
     elif axis == "size":
-        _, hparams, _ = sw.load_config(sw.DEFAULT_CONFIG, "default")
+        _, hparams, _ = sc.load_config(sc.DEFAULT_CONFIG, "default")
         argv += ["--private-train-size", str(value)]
         scale = value / AXES["size"][1]
         argv += [f"--set={m}.batch_size={max(1, round(hparams[m]['batch_size'] * scale))}" for m in args.methods]
@@ -94,7 +96,7 @@ def _rows(axis: str, out: Path, default_dir: Path, args: argparse.Namespace) -> 
     rows = []
     for (a, value), name in points([axis]).items():
         where = default_dir if name == "default" else out / name
-        for r in res.latest(res.read_rows(where / sw.CSV_NAME), ("run_id",)).values():
+        for r in res.latest(res.read_rows(where / CSV_NAME), ("run_id",)).values():
             if (r["method"] in args.methods and float(r["target_epsilon"]) == args.epsilon
                     and int(r["seed"]) in args.seeds):
                 rows.append({**r, "axis_value": str(value)})

@@ -212,10 +212,11 @@ def reuse(n: int, depth: int, batch: int, directory: Path, repeats: int = 3) -> 
 
 def accuracy(profile: str, seeds: list[int], epsilon: float) -> None:
     """TAFT-2 at ``epsilon`` on ``profile``'s task with float32 and bfloat16 caches, same seeds."""
-    from experiments import sweep
+    from experiments import sweep, sweep_config
+    from experiments.task import build_task
 
-    settings, hparams, _ = sweep.load_config(sweep.DEFAULT_CONFIG, profile)
-    task = sweep.build_task(sweep.parse_args(["--profile", profile]), settings)
+    settings, hparams, _ = sweep_config.load_config(sweep_config.DEFAULT_CONFIG, profile)
+    task = build_task(sweep.parse_args(["--profile", profile]), settings)
     hp = dict(hparams["taft"])
     physical = hp.pop("physical_batch_size", 0) or None
     print("| seed | float32 cache | bfloat16 cache | max |Δw_bf16 − Δw_fp32| / max |Δw_fp32| |")

@@ -36,6 +36,8 @@ from dp_taft import compose
 from dp_taft.shards import ShardAssignment, content_ids
 from experiments import results as res
 from experiments import sweep as sw
+from experiments import sweep_config as sc
+from experiments.task import Task, build_task, default_task_args
 
 __all__ = ["COLUMNS", "main"]
 
@@ -64,7 +66,7 @@ def average_weights(models: Sequence[nn.Module]) -> nn.Module:
     return out
 
 
-def train_shards(method: str, task: sw.Task, seed: int, settings: dict[str, Any], hparams: dict[str, Any],
+def train_shards(method: str, task: Task, seed: int, settings: dict[str, Any], hparams: dict[str, Any],
                  out: Path) -> tuple[list[nn.Module], float]:
     """One private model per shard; returns the models and the largest reported ε among them."""
     ids = content_ids(task.train)
@@ -82,7 +84,7 @@ def train_shards(method: str, task: sw.Task, seed: int, settings: dict[str, Any]
     return models, eps
 
 
-def run_seed(method: str, task: sw.Task, seed: int, settings: dict[str, Any], hparams: dict[str, Any],
+def run_seed(method: str, task: Task, seed: int, settings: dict[str, Any], hparams: dict[str, Any],
              out: Path) -> list[dict[str, Any]]:
     """Train the shards of one (method, seed) and return one row per combination."""
     base = {"method": method, "seed": seed, "n_shards": settings["n_shards"], "target_epsilon": settings["epsilon"]}
@@ -137,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.shards >= 1 and 0 < args.epsilon < math.inf):
         p.error("--shards must be >= 1 and --epsilon finite and > 0")
-    sweep, hparams, _ = sw.load_config(sw.DEFAULT_CONFIG, args.profile)
-    task = sw.build_task(sw.default_task_args(), {**sweep, "seeds": args.seeds})
+    sweep, hparams, _ = sc.load_config(sc.DEFAULT_CONFIG, args.profile)
+    task = build_task(default_task_args(), {**sweep, "seeds": args.seeds})
     settings = {"n_shards": args.shards, "epsilon": args.epsilon, "k": args.blocks, "delta": sweep["delta"],
                 "accountant": sweep["accountant"]}
     done = {(r["method"], r["seed"]) for r in res.read_rows(args.out / "results.csv")}

@@ -7,10 +7,11 @@ Two layers:
   used for non-private pretraining) and a *private* task (classes 5-9,
   fine-tuned with DP through a fresh 5-way head), plus the small timm ViT
   architecture pretrained on the public task (see ``experiments.pretrain``).
-* Real data sets for users with network: torchvision CIFAR-10/100 and
-  Fashion-MNIST resized to a timm model's input size, and
-  ``create_backbone`` wrapping ``timm.create_model`` (optionally loading the
-  weights from a local file instead of downloading them).
+* Real data sets: torchvision CIFAR-10/100 and Fashion-MNIST resized to a
+  timm model's input size (Fashion-MNIST falls back to the Debian files when
+  torchvision's are absent; the others need ``--download`` or local files),
+  and ``create_backbone``/``model_normalisation``, thin uses of
+  :mod:`dp_taft.backbone` (a local weights file instead of timm's download).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import timm
 import torch
+from PIL import Image
 from timm.models import VisionTransformer
 from torch.utils.data import Dataset, TensorDataset
+
+from dp_taft import backbone
 
 __all__ = [
     "DEFAULT_FMNIST_DIR",
@@ -276,23 +279,31 @@ def default_model(num_classes: int = 5) -> VisionTransformer:
 
 DatasetName = Literal["cifar10", "cifar100", "fashion-mnist"]
 _GREYSCALE = {"cifar10": False, "cifar100": False, "fashion-mnist": True}
-# Fallback when a model declares no normalisation: maps [0, 1] to [-1, 1].
+# Normalisation when none is passed: maps [0, 1] to [-1, 1].
 _FALLBACK_MEAN, _FALLBACK_STD = 0.5, 0.5
 
 
 def model_normalisation(model: torch.nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, std) for ``in_chans`` channels from ``model.pretrained_cfg``.
+    """Per-channel (mean, std) of ``dp_taft.backbone.data_config(model)`` (timm's, for the channels
+    the model was built with: a 3-channel statistic averaged for a 1-channel model; ImageNet's
+    when the model declares none). ``in_chans`` must be the model's input channels."""
+    config = backbone.data_config(model)
+    if config["input_size"][0] != in_chans:
+        raise ValueError(f"in_chans={in_chans}, but the model takes {config['input_size'][0]}-channel images")
+    return config["mean"], config["std"]
 
-    Falls back to 0.5 / 0.5 when the model declares none; a 3-channel
-    statistic is averaged to one value for a 1-channel model.
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(cfg.get("mean") or (_FALLBACK_MEAN,) * in_chans)
-    std = tuple(cfg.get("std") or (_FALLBACK_STD,) * in_chans)
-    if len(mean) != in_chans:
-        mean = (sum(mean) / len(mean),) * in_chans
-        std = (sum(std) / len(std),) * in_chans
-    return mean, std
+
+class _GreyImages(Dataset):
+    """uint8 images [N, H, W] and labels as torchvision's FashionMNIST yields them: (transform(PIL "L" image), int)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.transform(Image.fromarray(self.images[i].numpy())), int(self.labels[i])
 
 
 def load_image_dataset(
@@ -311,9 +322,10 @@ def load_image_dataset(
     ``in_chans`` must be 1 or 3; grey images are replicated to RGB and RGB
     images converted to grey as needed. Pixels are scaled to [0, 1] and
     normalised with ``mean`` / ``std`` (length ``in_chans``; pass
-    ``model_normalisation(model, in_chans)``), default 0.5 / 0.5. Raises
-    ``FileNotFoundError`` when the data is not under ``root`` and ``download``
-    is False.
+    ``model_normalisation(model, in_chans)``), default 0.5 / 0.5. Fashion-MNIST
+    not under ``root`` (and no ``download``) is read from the Debian files
+    (``load_fashion_mnist``), nothing downloaded. Raises ``FileNotFoundError``,
+    naming ``--data-root`` and ``--download``, when no copy is found.
     """
     from torchvision import datasets, transforms
 
@@ -333,11 +345,16 @@ def load_image_dataset(
     except RuntimeError as err:
         if download or "not found" not in str(err).lower():
             raise
-        raise FileNotFoundError(
-            f"{name} not found under {root} (torchvision layout). Re-run with download enabled "
-            f"(needs network), or for Fashion-MNIST offline use experiments.data.default_task(). "
-            f"torchvision said: {err}"
-        ) from err
+        missing = (f"{name} not found under {root} (torchvision layout; torchvision said: {err}). Pass --data-root DIR "
+                   "(the folder holding it) or --download (needs network)")
+        if name != "fashion-mnist":
+            raise FileNotFoundError(missing + ".") from err
+        try:
+            raw = load_fashion_mnist()
+        except FileNotFoundError as no_debian:
+            raise FileNotFoundError(f"{missing}; nor are the Debian files there: {no_debian}") from err
+    images, labels = (raw.train_images, raw.train_labels) if train else (raw.test_images, raw.test_labels)
+    return _GreyImages(images, labels, transforms.Compose(steps))
 
 
 def create_backbone(
@@ -347,22 +364,9 @@ def create_backbone(
     checkpoint_file: str | Path | None = None,
     **timm_kwargs: Any,
 ) -> torch.nn.Module:
-    """``timm.create_model`` with a ``num_classes``-way head.
-
-    With ``pretrained`` and no ``checkpoint_file`` timm downloads its weights
-    (network). A ``checkpoint_file`` (a state dict saved with ``torch.save`` or
-    safetensors) replaces the download: the backbone is loaded from it and,
-    when ``num_classes`` differs from the model's pretrained classifier, the
-    head is freshly initialised. Extra ``timm_kwargs`` (``img_size``,
-    ``in_chans``, ``depth``, ...) go to ``timm.create_model``.
-    """
-    overlay = None
-    if checkpoint_file is not None:
-        if not pretrained:
-            raise ValueError("checkpoint_file is only read with pretrained=True")
-        if not Path(checkpoint_file).is_file():
-            raise FileNotFoundError(f"checkpoint file {checkpoint_file} does not exist")
-        overlay = dict(file=str(checkpoint_file))
-    return timm.create_model(
-        model_name, pretrained=pretrained, num_classes=num_classes, pretrained_cfg_overlay=overlay, **timm_kwargs
-    )
+    """``dp_taft.backbone.create_backbone`` with the sweep's arguments: a ``num_classes``-way
+    timm model in eval mode, its weights from ``checkpoint_file`` (a fresh head when its class
+    count differs) or, with ``pretrained`` and no file, timm's download (network); extra
+    ``timm_kwargs`` (``img_size``, ``in_chans``, ``depth``...) go to ``timm.create_model``."""
+    return backbone.create_backbone(model_name, num_classes, weights=checkpoint_file, model_kwargs=timm_kwargs,
+                                    pretrained=pretrained)

@@ -64,8 +64,11 @@ from dp_taft.shards import ShardAssignment, content_ids, fit_shards
 from dp_taft.train import evaluate
 from experiments import results as res
 from experiments import sweep as sw
+from experiments import sweep_config as sc
 from experiments.config import read_profiled
 from experiments.shards_privacy import partition_key, privacy_columns, save_partition_key
+from experiments.sweep_outputs import randomness_notes
+from experiments.task import Task, build_task, default_task_args
 
 __all__ = ["COLUMNS", "DEFAULT_CONFIG", "load_config", "main", "write_outputs"]
 
@@ -86,7 +89,7 @@ CSV_NAME, SUMMARY_NAME, PLOT_NAME = "results.csv", "summary.md", "shards.png"
 
 
 # --------------------------------------------------------------------------- config
-def load_config(path: str | Path, profile: str, sweep_config: str | Path = sw.DEFAULT_CONFIG
+def load_config(path: str | Path, profile: str, sweep_config: str | Path = sc.DEFAULT_CONFIG
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(settings, TAFT hyperparameters, TAFT non-private overrides) of ``profile`` in ``path``.
 
@@ -104,9 +107,9 @@ def load_config(path: str | Path, profile: str, sweep_config: str | Path = sw.DE
     missing = SHARD_KEYS - set(settings)
     if missing:
         raise ValueError(f"{path}: missing setting(s) {sorted(missing)}")
-    sweep, hparams, nonprivate = sw.load_config(sweep_config, settings["sweep_profile"])
+    sweep, hparams, nonprivate = sc.load_config(sweep_config, settings["sweep_profile"])
     settings = {**{k: sweep[k] for k in INHERITED_KEYS}, **settings}
-    shared, per = sw._split(prof_hp, f"[profiles.{profile}.hparams]")  # private helper of experiments.sweep
+    shared, per = sc.split_hparams(prof_hp, f"[profiles.{profile}.hparams]")
     if set(per) - {"taft"}:
         raise ValueError(f"[profiles.{profile}.hparams]: only a [.taft] sub-table makes sense here, got {sorted(per)}")
     hp = {**hparams["taft"], **shared, **per.get("taft", {})}
@@ -122,7 +125,7 @@ def _check(settings: dict[str, Any]) -> None:
 
     ints("n_shards", 1)
     ints("seeds", 0)
-    sw._check_sweep({**settings, "methods": ["taft"], "blocks": [settings["blocks"]]})  # ε, δ, sizes
+    sc.check_sweep({**settings, "methods": ["taft"], "blocks": [settings["blocks"]]})  # ε, δ, sizes
 
 
 def _delta_error(settings: dict[str, Any], ids: Sequence[int], key: int) -> str | None:
@@ -141,7 +144,7 @@ def run_id(n_shards: int, epsilon: float, seed: int) -> str:
 
 
 # --------------------------------------------------------------------------- one configuration
-def run_one(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any], out: Path | None, *,
+def run_one(run: sw.Run, n_shards: int, task: Task, settings: dict[str, Any], out: Path | None, *,
             ids: Sequence[int], key: int, workers: int, device: str, quiet: bool) -> dict[str, Any]:
     """Train the shards, evaluate the composition, forget one example; returns the CSV row.
 
@@ -208,7 +211,7 @@ def accuracy(model: nn.Module, data: Any, device: str) -> float:
     return evaluate(model, data, nn.CrossEntropyLoss(), 500, torch.device(device))[1]
 
 
-def _settings(run: sw.Run, n_shards: int, task: sw.Task, settings: dict[str, Any]) -> str:
+def _settings(run: sw.Run, n_shards: int, task: Task, settings: dict[str, Any]) -> str:
     """sweep.settings_hash of the run, with the shard partition and accountant settings folded in."""
     extra = (("partition", "secret key"), ("n_shards", n_shards))
     return sw.settings_hash(sw.Run(run.method, run.k, run.seed, run.epsilon, run.hparams + extra), task,
@@ -251,7 +254,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         "",
         res.markdown_table(long, row="n_shards", col="quantity", value="value", row_order=shard_order,
                            col_order=list(quantities), col_label=quantities.get, corner="shards", digits=2),
-        *sw.randomness_notes(rows),
+        *randomness_notes(rows),
         *[f"{note}\n" for note in sorted({r.get("recomputed", "") for r in rows} - {""})],
     ]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -270,7 +273,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file of this experiment")
-    p.add_argument("--sweep-config", type=Path, default=sw.DEFAULT_CONFIG,
+    p.add_argument("--sweep-config", type=Path, default=sc.DEFAULT_CONFIG,
                    help="the sweep's TOML config (data sizes, δ, TAFT hyperparameters)")
     prof = p.add_mutually_exclusive_group()
     prof.add_argument("--profile", default="default", help="profile of the config file")
@@ -299,7 +302,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be >= 1")
-    vars(args).update(vars(sw.default_task_args(args.checkpoint)))  # the default task and ViT only
+    vars(args).update(vars(default_task_args(args.checkpoint)))  # the default task and ViT only
     return args
 
 
@@ -316,16 +319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in ("n_shards", "epsilons", "seeds", "blocks", "private_train_size", "test_size", "delta"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
-        hparams = {m: dict(hp) for m in sw.METHODS}
-        nonpriv = {m: dict(nonprivate) for m in sw.METHODS}
-        sw.apply_sets(hparams, args.sets, nonpriv)
+        hparams = {m: dict(hp) for m in sc.METHODS}
+        nonpriv = {m: dict(nonprivate) for m in sc.METHODS}
+        sc.apply_sets(hparams, args.sets, nonpriv)
         _check(settings)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     comm = distributed_comm(torch.device(args.device), None)  # under torchrun: shards spread over the ranks
-    task = sw.build_task(args, settings)
+    task = build_task(args, settings)
     n = len(task.train)
     ids = content_ids(task.train)
     partition = comm.broadcast(partition_key(out) if comm.main else None)  # one partition on every rank

@@ -3,10 +3,10 @@
 ``python -m experiments.sweep`` runs the default grid (see ``experiments/sweep.toml``) on
 the offline default task (Fashion-MNIST classes 5-9 fine-tuned from a ViT pretrained on
 classes 0-4), each method with the settings ``python -m experiments.tune`` chose for it on
-a public proxy (``experiments/tuned.toml``), and writes, in ``--out`` (default
+a public proxy (``dp_taft/presets/tuned.toml``), and writes, in ``--out`` (default
 ``results/<timestamp>/``):
 
-* ``results.csv``: one row per run (see :data:`COLUMNS`), appended and fsynced as each
+* ``results.csv``: one row per run (see :data:`experiments.sweep_outputs.COLUMNS`), appended and fsynced as each
   run ends; rerunning with the same ``--out`` skips finished runs (failed ones too,
   unless ``--retry-failed``) and appends. A run killed midway resumes from its
   checkpoint under ``checkpoints/<run_id>/``, whose write-ahead privacy ledger counts
@@ -40,176 +40,33 @@ import json
 import math
 import sys
 import time
-import tomllib
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from dp_taft import FitResult, fit, methods
-from dp_taft.head_first import fit_head_first
-from dp_taft.privacy.checkpoint import CHECKPOINT_FILE
+from dp_taft import FitResult
+from dp_taft.privacy.checkpoint import discard_keys
+from dp_taft.recipes import finetune
 from experiments import results as res
-from experiments.config import read_profiled
-
-__all__ = ["COLUMNS", "DEFAULT_CONFIG", "Run", "Task", "load_config", "main", "plan_runs", "write_outputs"]
-
-DEFAULT_CONFIG = Path(__file__).with_name("sweep.toml")
-METHODS = ("fc", "taft", "taft_head", "nlft")
-#: Hyperparameters of the two-stage TAFT only (dp_taft.head_first): its probe stage.
-HEAD_KEYS = frozenset({"head_epochs", "head_lr"})
-DATASETS = ("default", "cifar10", "cifar100", "fashion-mnist")
-NUM_CLASSES = {"default": 5, "cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
-SWEEP_KEYS = frozenset({
-    "methods", "blocks", "epsilons", "seeds", "delta", "accountant", "private_train_size", "test_size", "data_seed",
-    "reproducible", "tuned",
-})
-HPARAM_KEYS = frozenset({
-    "epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "max_grad_norm", "loss", "kappa",
-    "physical_batch_size", "grad_sample_mode", *HEAD_KEYS,
-    # fit's convex toolbox; unset means fit's defaults (constant lr, flat clipping, no averaging)
-    "lr_schedule", "warmup", "clipping", "clipping_gamma", "averaging", "tail_fraction", "ema_decay",
-})
-#: results.csv schema, one row per run attempt (the last row of a run_id is the one that counts).
-COLUMNS = (
-    "run_id", "method", "k", "label", "seed", "randomness", "target_epsilon", "epsilon", "delta", "sigma",
-    "sample_rate", "steps", "accuracy", "wall_time_s", "report", "status", "error",
-    "dataset", "model", "n_train", "n_test", "epochs", "batch_size", "lr", "optimizer", "max_grad_norm", "loss",
-    "settings", "finished_at",
+from experiments.sweep_config import (
+    DEFAULT_CONFIG, METHODS, apply_sets, check_hparams, check_sweep, load_config, run_config,
 )
-CSV_NAME, SUMMARY_NAME, PLOT_NAME = "results.csv", "summary.md", "privacy_utility.png"
+from experiments.sweep_outputs import COLUMNS, CSV_NAME, PLOT_NAME, SUMMARY_NAME, write_outputs
+from experiments.task import DATASETS, Task, build_task
+
+__all__ = ["PREFIX_CACHE_DIR", "Run", "eps_name", "main", "plan_runs", "randomness", "run_one", "settings_hash",
+           "train_method"]
+
 #: Prefix caches shared by the runs (features of the private data: delete it with the checkpoints).
 PREFIX_CACHE_DIR = "prefix_cache"
-
-
-# --------------------------------------------------------------------------- config
-def _split(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(shared hyperparameters, {method: overrides}) of an [hparams]-like table, keys checked."""
-    shared = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    per = {k: v for k, v in table.items() if isinstance(v, dict)}
-    bad = set(shared) - HPARAM_KEYS
-    if bad:
-        raise ValueError(f"{where}: unknown hyperparameter(s) {sorted(bad)}; known: {sorted(HPARAM_KEYS)}")
-    for m, over in per.items():
-        if m not in METHODS:
-            raise ValueError(f"{where}.{m}: unknown method; methods are {list(METHODS)}")
-        bad = set(over) - HPARAM_KEYS
-        if bad:
-            raise ValueError(f"{where}.{m}: unknown hyperparameter(s) {sorted(bad)}; known: {sorted(HPARAM_KEYS)}")
-    return shared, per
-
-
-def _load_tuned(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """({method: hyperparameters}, {method: non-private overrides}) of a file written by experiments.tune."""
-    try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"tuned settings {path} not found: run `python -m experiments.tune --write {path}`, "
-                         'or set tuned = "" in the sweep config for the untuned [hparams]') from None
-    if set(cfg) - {"hparams", "nonprivate"}:
-        raise ValueError(f"{path}: unknown table(s) {sorted(set(cfg) - {'hparams', 'nonprivate'})}")
-    (shared, per), (np_shared, np_per) = (_split(cfg.get(t, {}), f"{path} [{t}]") for t in ("hparams", "nonprivate"))
-    if shared or np_shared:
-        raise ValueError(f"{path}: settings outside a [hparams.<method>] / [nonprivate.<method>] table")
-    return per, np_per
-
-
-def load_config(
-    path: str | Path, profile: str, *, tuned: bool = True
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(sweep settings, {method: hyperparameters}, {method: non-private overrides}) of ``profile`` in ``path``.
-
-    Hyperparameters resolve as [hparams] -> [hparams.<method>] -> the tuned file's
-    [hparams.<method>] (the ``tuned`` key, relative to ``path``; skipped when ``tuned`` is
-    False or the key is "") -> the profile's hparams; non-private overrides as [nonprivate]
-    -> [nonprivate.<method>] -> the tuned file's [nonprivate.<method>].
-    """
-    cfg, prof = read_profiled(path, ("sweep", "hparams", "nonprivate"), profile)
-    sweep = {"tuned": "", **cfg.get("sweep", {})}
-    if set(sweep) - SWEEP_KEYS:
-        raise ValueError(f"{path} [sweep]: unknown key(s) {sorted(set(sweep) - SWEEP_KEYS)}; known: {sorted(SWEEP_KEYS)}")
-    base, per = _split(cfg.get("hparams", {}), "[hparams]")
-    prof_hp = prof.pop("hparams", {})
-    if set(prof) - SWEEP_KEYS:
-        raise ValueError(f"{path} [profiles.{profile}]: unknown key(s) {sorted(set(prof) - SWEEP_KEYS)}; "
-                         f"known: {sorted(SWEEP_KEYS)} and the table hparams")
-    p_base, p_per = _split(prof_hp, f"[profiles.{profile}.hparams]")
-    sweep.update(prof)
-    if not isinstance(sweep["tuned"], str):
-        raise ValueError(f"{path}: tuned must be a file name (or \"\" for none), got {sweep['tuned']!r}")
-    if not tuned:
-        sweep["tuned"] = ""
-    t_per, t_np = _load_tuned(Path(path).parent / sweep["tuned"]) if sweep["tuned"] else ({}, {})
-    hparams = {m: {**base, **per.get(m, {}), **t_per.get(m, {}), **p_base, **p_per.get(m, {})} for m in METHODS}
-    np_base, np_per = _split(cfg.get("nonprivate", {}), "[nonprivate]")
-    nonprivate = {m: {**np_base, **np_per.get(m, {}), **t_np.get(m, {})} for m in METHODS}
-    for m in METHODS:
-        stray = (set(hparams[m]) | set(nonprivate[m])) & HEAD_KEYS if m != "taft_head" else set()
-        if stray:
-            raise ValueError(f"{path}: {sorted(stray)} set for method {m!r}; they belong in [hparams.taft_head]")
-    return sweep, hparams, nonprivate
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_sets(hparams: dict[str, dict[str, Any]], sets: Sequence[str],
-               nonprivate: dict[str, dict[str, Any]] | None = None) -> None:
-    """Apply ``--set [nonprivate.][METHOD.]KEY=VALUE`` overrides (VALUE parsed as TOML, else a string) in place."""
-    for item in sets:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected [nonprivate.][METHOD.]KEY=VALUE, e.g. taft.lr=1.0 or epochs=5")
-        target = hparams
-        if name.startswith("nonprivate."):
-            if nonprivate is None:
-                raise ValueError(f"--set {item!r}: no non-private overrides here")
-            target, name = nonprivate, name.removeprefix("nonprivate.")
-        method, _, key = name.rpartition(".")
-        if key not in HPARAM_KEYS:
-            raise ValueError(f"--set {item!r}: unknown hyperparameter {key!r}; known: {sorted(HPARAM_KEYS)}")
-        if method and method not in METHODS:
-            raise ValueError(f"--set {item!r}: unknown method {method!r}; methods are {list(METHODS)}")
-        for m in [method] if method else METHODS:
-            target[m][key] = _parse_value(value)
-
-
-def _check_sweep(sweep: dict[str, Any]) -> None:
-    def ints(name: str, low: int) -> None:
-        v = sweep[name]
-        if not (isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v)):
-            raise ValueError(f"{name} must be a non-empty list of integers >= {low}, got {v!r}")
-
-    missing = SWEEP_KEYS - {"tuned"} - set(sweep)  # "tuned" is read and checked by load_config
-    if missing:
-        raise ValueError(f"the config lacks sweep setting(s) {sorted(missing)}")
-    if not (isinstance(sweep["methods"], list) and sweep["methods"] and set(sweep["methods"]) <= set(METHODS)):
-        raise ValueError(f"methods must be a non-empty list of {list(METHODS)}, got {sweep['methods']!r}")
-    ints("blocks", 1)
-    ints("seeds", 0)
-    eps = sweep["epsilons"]
-    if not (isinstance(eps, list) and eps and all(isinstance(e, (int, float)) and e > 0 for e in eps)):
-        raise ValueError(f"epsilons must be a non-empty list of numbers > 0 (inf = non-private), got {eps!r}")
-    if not (isinstance(sweep["delta"], float) and 0 < sweep["delta"] < 1):
-        raise ValueError(f"delta must be a number in (0, 1), got {sweep['delta']!r}")
-    for name in ("private_train_size", "test_size", "data_seed"):
-        v = sweep[name]
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-            raise ValueError(f"{name} must be an integer >= 0 (0 = all for the sizes), got {v!r}")
-    if not isinstance(sweep["reproducible"], bool):
-        raise ValueError(f"reproducible must be true or false, got {sweep['reproducible']!r}")
 
 
 # --------------------------------------------------------------------------- runs
@@ -260,158 +117,11 @@ def plan_runs(sweep: dict[str, Any], hparams: dict[str, dict[str, Any]],
     return runs
 
 
-def build_method(method: str, k: int, backbone: nn.Module) -> nn.Module:
-    if method == "fc":
-        return methods.linear_probe(backbone)
-    if method == "taft":
-        return methods.taft(backbone, k)
-    return methods.nlft(backbone, k)
-
-
-def train_method(method: str, k: int, backbone: nn.Module, train_set: Dataset, **fit_kwargs: Any) -> FitResult:
-    """Build ``method`` from ``backbone`` and train it; ``taft_head`` is two stages under one budget."""
-    if method == "taft_head":
-        return fit_head_first(backbone, k, train_set, **fit_kwargs)
-    return fit(build_method(method, k, backbone), train_set, **fit_kwargs)
-
-
-# --------------------------------------------------------------------------- data and backbones
-@dataclass
-class Task:
-    """Private train/test sets and a backbone factory ``backbone(seed)`` (head initialised from ``seed``).
-
-    ``reuse_prefix``: runs store their prefix caches under ``<out>/prefix_cache/`` and map
-    the ones an earlier run (or an earlier invocation) computed for the same frozen prefix
-    and data, so each distinct prefix is computed once; False recomputes it in every run.
-    """
-
-    train: Dataset
-    test: Dataset
-    num_classes: int
-    backbone: Callable[[int], nn.Module]
-    info: dict[str, Any]  # identifies data and model, part of every run's settings hash
-    reuse_prefix: bool = True
-
-
-def load_default_checkpoint(path: Path, num_classes: int, seed: int) -> nn.Module:
-    """``default_model(num_classes)`` with the backbone of the state dict at ``path`` and a fresh head drawn with ``seed``."""
-    from experiments.data import default_model
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    head = ("head.weight", "head.bias")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = default_model(num_classes)
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
-    if result.unexpected_keys or not set(result.missing_keys) <= set(head):
-        raise ValueError(f"{path} is not a state dict of experiments.data.default_model: {result}")
-    return model
-
-
-def _backbone_factory(args: argparse.Namespace, num_classes: int) -> Callable[[int], nn.Module]:
-    cache: dict[int, nn.Module] = {}
-    timm_kwargs = json.loads(args.timm_kwargs) if args.timm_kwargs else {}
-
-    def make(seed: int) -> nn.Module:
-        if seed not in cache:
-            if args.model == "default":
-                if args.checkpoint is not None:
-                    cache[seed] = load_default_checkpoint(Path(args.checkpoint), num_classes, seed)
-                else:
-                    from experiments.pretrain import pretrained_default_model
-
-                    cache[seed] = pretrained_default_model(num_classes, head_seed=seed)
-            else:
-                from experiments.data import create_backbone
-
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    cache[seed] = create_backbone(args.model, num_classes, args.pretrained, args.checkpoint,
-                                                  **timm_kwargs)
-            cache[seed].eval()
-        return cache[seed]  # dp_taft.methods copy it, so runs never share trained weights
-
-    return make
-
-
-def subsample(ds: Dataset, size: int, seed: int) -> Dataset:
-    """``size`` examples drawn without replacement with ``seed`` (kept in index order); 0 = all."""
-    if size == 0 or size >= len(ds):
-        if size > len(ds):
-            raise ValueError(f"asked for {size} examples, the data set has {len(ds)}")
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:size].sort().values
-    if isinstance(ds, TensorDataset):
-        return TensorDataset(*(t[idx] for t in ds.tensors))
-    return Subset(ds, idx.tolist())
-
-
-def _materialise(ds: Dataset, limit_bytes: int = 1 << 30) -> Dataset:
-    """Apply lazy transforms once (a TensorDataset) when the result fits in ``limit_bytes``."""
-    if isinstance(ds, TensorDataset) or len(ds) == 0:
-        return ds
-    x0, _ = ds[0]
-    if len(ds) * x0.numel() * x0.element_size() > limit_bytes:
-        return ds
-    xs, ys = [], []
-    for x, y in DataLoader(ds, batch_size=256, shuffle=False):
-        xs.append(x)
-        ys.append(torch.as_tensor(y))
-    return TensorDataset(torch.cat(xs), torch.cat(ys).long())
-
-
-def _weights_sha256(args: argparse.Namespace) -> str | None:
-    """sha256 of the local weights file the backbone came from (None for timm's own download)."""
-    from experiments.pretrain import CHECKPOINT_NAME, SHIPPED_CHECKPOINT, default_cache_dir, sha256_file
-
-    path = args.checkpoint
-    if path is None and args.model == "default":
-        path = SHIPPED_CHECKPOINT if SHIPPED_CHECKPOINT.is_file() else default_cache_dir() / CHECKPOINT_NAME
-    return sha256_file(path) if path is not None and Path(path).is_file() else None
-
-
-def default_task_args(checkpoint: Path | None = None) -> argparse.Namespace:
-    """The command-line fields :func:`build_task` reads, for the offline default task and ViT
-    (``checkpoint``: other weights for it), for experiments that build the sweep's task."""
-    return argparse.Namespace(dataset="default", model="default", pretrained=True, checkpoint=checkpoint,
-                              timm_kwargs=None, data_root=Path("data"), download=False)
-
-
-def build_task(args: argparse.Namespace, sweep: dict[str, Any]) -> Task:
-    num_classes = NUM_CLASSES[args.dataset]
-    backbone = _backbone_factory(args, num_classes)
-    n_train, n_test, data_seed = sweep["private_train_size"], sweep["test_size"], sweep["data_seed"]
-    if args.dataset == "default":
-        from experiments.data import default_task
-
-        task = default_task(private_train_size=n_train or None, seed=data_seed)
-        train, test = task.private_train, task.private_test
-    else:
-        from experiments.data import PUBLIC_MEAN, PUBLIC_STD, load_image_dataset, model_normalisation
-
-        probe = backbone(sweep["seeds"][0])
-        embed = probe.patch_embed
-        size, in_chans = int(embed.img_size[0]), int(embed.proj.in_channels)
-        if args.model == "default":
-            mean, std = (PUBLIC_MEAN,), (PUBLIC_STD,)
-        else:
-            mean, std = model_normalisation(probe, in_chans)
-        load = lambda train: load_image_dataset(  # noqa: E731
-            args.dataset, args.data_root, size, in_chans, train=train, download=args.download, mean=mean, std=std)
-        train = _materialise(subsample(load(True), n_train, data_seed))
-        test = load(False)
-    test = _materialise(subsample(test, n_test, data_seed + 1))
-    backbone(sweep["seeds"][0])  # fail (or pretrain the default ViT) before the first run
-    info = {
-        "dataset": args.dataset, "model": args.model,
-        "pretrained": True if args.model == "default" else bool(args.pretrained),
-        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "weights_sha256": _weights_sha256(args),
-        "timm_kwargs": json.loads(args.timm_kwargs) if args.timm_kwargs else {},
-        "n_train": len(train), "n_test": len(test), "data_seed": data_seed,
-    }
-    # experiments.shards builds its own args, without this sweep option
-    return Task(train, test, num_classes, backbone, info, reuse_prefix=not getattr(args, "no_prefix_reuse", False))
+def train_method(method: str, k: int, backbone: nn.Module, train_set: Dataset, *, eval_set: Dataset | None = None,
+                 **options: Any) -> FitResult:
+    """Build ``method`` (a label) from ``backbone`` and train it (dp_taft.finetune): ``options`` are
+    hyperparameters and run options as :func:`experiments.sweep_config.run_config` takes them."""
+    return finetune(backbone, train_set, run_config(method, k, options), eval_set=eval_set)
 
 
 # --------------------------------------------------------------------------- one run
@@ -426,14 +136,6 @@ def settings_hash(run: Run, task: Task, sweep: dict[str, Any]) -> str:
 def randomness(sweep: dict[str, Any]) -> str:
     """How a run's noise and batches were drawn: "secret" (the default) or "seeded"."""
     return "seeded" if sweep["reproducible"] else "secret"
-
-
-def discard_keys(run_dir: Path) -> None:
-    """Delete every checkpoint under ``run_dir`` (each stage's, e.g. head first's ``head/`` and
-    ``taft/``): a finished run's checkpoints hold its secret key, which must not outlive the run.
-    The write-ahead ledgers stay: they hold only what was spent (σ, q, steps)."""
-    for path in run_dir.rglob(CHECKPOINT_FILE):
-        path.unlink()
 
 
 def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: str, quiet: bool) -> dict[str, Any]:
@@ -486,97 +188,9 @@ def run_one(run: Run, task: Task, sweep: dict[str, Any], out: Path, *, device: s
     return row
 
 
-# --------------------------------------------------------------------------- outputs
-def _label_order(rows: Sequence[res.Row]) -> list[str]:
-    def key(r: res.Row) -> tuple[int, int]:
-        m = r["method"]
-        return (METHODS.index(m) if m in METHODS else len(METHODS), int(r["k"] or 0))
-
-    return list(dict.fromkeys(r["label"] for r in sorted(rows, key=key)))
-
-
-def difference_table(rows: Sequence[res.Row], cols: Sequence[str]) -> list[str]:
-    """Markdown lines: TAFT-k (and head first) minus NLFT-k per ε, paired by seed, with 95% t intervals."""
-    lines = []
-    for k in sorted({r["k"] for r in rows if r["method"] == "nlft"}, key=int):
-        for method in ("taft", "taft_head"):
-            a = next((r["label"] for r in rows if r["method"] == method and r["k"] == k), None)
-            if a is None:
-                continue
-            diffs = res.paired_differences(rows, a, f"NLFT-{k}", group="label", by="target_epsilon", pair="seed",
-                                           value="accuracy")
-            lines.append(f"| {a} − NLFT-{k} | " + " | ".join(diffs[c].text(100) if c in diffs else "—" for c in cols)
-                         + " |")
-    if not lines:
-        return []
-    return ["Paired difference in test accuracy (percentage points), same seed, mean [95% t interval] (n pairs):",
-            "", "| difference | " + " | ".join(res.epsilon_label(c) for c in cols) + " |",
-            "|:---|" + "---:|" * len(cols), *lines, ""]
-
-
-def randomness_notes(rows: Sequence[res.Row]) -> list[str]:
-    """Markdown lines saying whether the runs' training randomness was secret or seeded."""
-    kinds = {r.get("randomness") or "seeded" for r in rows}  # rows from before the column were seeded
-    if kinds == {"secret"}:
-        return ["Training randomness (noise, Poisson batches): secret, from the OS CSPRNG; the seeds above only "
-                "label replicates and initialise the heads.", ""]
-    return ["**Training randomness was seeded with the seeds above** (reproducible runs, for experiments): "
-            "anyone who reads these seeds can replay the noise, so the stated ε does not hold against them.", ""]
-
-
-def _profile_notes(out: Path) -> list[str]:
-    """A warning when the last invocation ran a smoke-sized profile."""
-    log = out / "invocations.jsonl"
-    lines = log.read_text().splitlines() if log.exists() else []
-    profile = json.loads(lines[-1]).get("profile") if lines else None
-    if profile not in ("quick", "smoke"):
-        return []
-    return [f"**Profile {profile!r}: a smoke-sized run** (little data, few steps, one seed). It checks that every "
-            "method runs end to end; its ranking of the methods is not indicative of the full sweep's.", ""]
-
-
-def write_outputs(out: Path) -> list[dict[str, str]]:
-    """(Re)write summary.md and privacy_utility.png from results.csv; returns the counted rows."""
-    rows = list(res.latest(res.read_rows(out / CSV_NAME), ("run_id",)).values())
-    if not rows:
-        return []
-    order = _label_order(rows)
-    seeds = sorted({r["seed"] for r in rows}, key=int)
-    cols = sorted({r["target_epsilon"] for r in rows}, key=float)
-    one = lambda c: ", ".join(sorted({r[c] for r in rows if r[c]})) or "—"  # noqa: E731
-    private = [r for r in rows if r["delta"]]
-    lines = [
-        "# Privacy-utility sweep",
-        "",
-        f"Test accuracy (%) on the private task, mean ± std over seeds {', '.join(seeds)} "
-        f"(sample std; n shown where fewer runs succeeded). Data set: {one('dataset')}, model: {one('model')}, "
-        f"N = {one('n_train')} private training examples, {one('n_test')} test examples, "
-        f"δ = {', '.join(sorted({r['delta'] for r in private})) or '—'}; columns are target ε "
-        "(every reported ε is at most its target; see results.csv and reports/).",
-        "",
-        res.markdown_table(rows, row="label", col="target_epsilon", value="accuracy", row_order=order,
-                           col_order=cols, col_label=res.epsilon_label, corner="method", scale=100, digits=1,
-                           expected_n=len(seeds)),
-        "Mean wall time per run (s):",
-        "",
-        res.markdown_table(rows, row="label", col="target_epsilon", value="wall_time_s", row_order=order,
-                           col_order=cols, col_label=res.epsilon_label, corner="method", digits=0),
-    ]
-    lines += difference_table(rows, cols) + randomness_notes(rows) + _profile_notes(out)
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]
-    (out / SUMMARY_NAME).write_text("\n".join(lines))
-    res.plot_curves(out / PLOT_NAME, rows, x="target_epsilon", y="accuracy", group="label", group_order=order,
-                    xlabel="target ε (log scale)", ylabel="test accuracy (%)", scale=100,
-                    title=f"Privacy-utility trade-off ({one('dataset')}, N = {one('n_train')}, "
-                          + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"),
-                    inf_label="∞\n(non-private)")
-    return rows
-
-
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of the sweep (argparse exits with a message on a bad one)."""
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
@@ -639,12 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 sweep[key] = getattr(args, key)
         apply_sets(hparams, args.sets, nonprivate)
-        _check_sweep(sweep)
+        check_sweep(sweep)
+        check_hparams(hparams, nonprivate)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    task = build_task(args, sweep)
+    try:
+        task = build_task(args, sweep)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     n = len(task.train)
     if not sweep["delta"] < 1 / n:
         print(f"error: delta={sweep['delta']:g} is not below 1/N = {1 / n:.3g} for N={n} private training "

@@ -4,7 +4,8 @@
 head first, NLFT-k), the DP-SGD settings (lr, epochs, batch size, loss, LR schedule,
 clipping kind, iterate averaging; the head stage's epochs for TAFT head first) on a
 *public* stand-in for the private task, and writes the winners to ``tuned.toml``, the
-file ``experiments/sweep.toml`` reads (its ``tuned`` key). Choosing hyperparameters on
+format of ``dp_taft/presets/tuned.toml``: the file ``experiments/sweep.toml`` reads (its
+``tuned`` key) and ``dp_taft.presets.preset`` returns as configs. Choosing hyperparameters on
 the private data would itself leak it (Papernot & Steinke, "Hyperparameter Tuning with
 Renyi Differential Privacy", ICLR 2022), outside the ε the runs report; here no private
 example or label is read, so the sweep's ε covers the whole procedure.
@@ -26,7 +27,8 @@ runs that pick the ε = ∞ learning rate around the private winner. Outputs, in
   as each ends; rerunning with the same ``--out`` skips finished trials;
 * ``summary.md``: the budget, the proxy, and every trial per method, winner marked;
 * ``tuned.toml``: the winners, with that provenance in its header (``--write PATH`` also
-  copies it there, e.g. ``--write experiments/tuned.toml`` to make them the sweep's defaults).
+  copies it there; ``--write`` alone to ``dp_taft/presets/tuned.toml``, making them the
+  sweep's defaults and the library's presets).
 
 Trial randomness is seeded with the trial number: the proxy is public, so nothing is
 protected, and the tuning is reproducible.
@@ -49,9 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from dp_taft import TrainConfig
+from dp_taft.presets import TUNED_FILE
 from experiments import results as res
 from experiments import sweep as sw
+from experiments import sweep_config as sc
 from experiments.config import read_profiled
+from experiments.task import Task, load_default_checkpoint, subsample
 
 __all__ = ["COLUMNS", "DEFAULT_CONFIG", "design", "load_config", "main", "select", "tuned_toml"]
 
@@ -69,22 +75,31 @@ _NO_AVERAGING = "none"
 
 # --------------------------------------------------------------------------- config
 def _merge_space(base: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    shared = {k: v for k, v in base.items() if k not in sw.METHODS}
-    per = {k: v for k, v in base.items() if k in sw.METHODS}
+    shared = {k: v for k, v in base.items() if k not in sc.METHODS}
+    per = {k: v for k, v in base.items() if k in sc.METHODS}
     for key, spec in [*shared.items(), *((k, v) for m in per.values() for k, v in m.items())]:
-        if key not in sw.HPARAM_KEYS:
-            raise ValueError(f"{where}: unknown hyperparameter {key!r}; known: {sorted(sw.HPARAM_KEYS)}")
+        try:
+            sc.hparam_key(key)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         _check_spec(key, spec, where)
     return shared, per
 
 
 def _check_spec(key: str, spec: Any, where: str) -> None:
-    if isinstance(spec, list) and spec:
-        return
-    if isinstance(spec, dict) and set(spec) == {"log"} and len(spec["log"]) == 2 and 0 < spec["log"][0] < spec["log"][1]:
-        return
-    raise ValueError(f"{where}.{key}: expected a non-empty list of values or {{log = [low, high]}} with "
-                     f"0 < low < high, got {spec!r}")
+    """A non-empty list of values or ``{log = [low, high]}``, each value of the option's type and choices."""
+    listed = isinstance(spec, list) and spec
+    ranged = (isinstance(spec, dict) and set(spec) == {"log"} and isinstance(spec["log"], list)
+              and len(spec["log"]) == 2 and all(isinstance(v, (int, float)) for v in spec["log"])
+              and 0 < spec["log"][0] < spec["log"][1])
+    if not (listed or ranged):
+        raise ValueError(f"{where}.{key}: expected a non-empty list of values or {{log = [low, high]}} with "
+                         f"0 < low < high, got {spec!r}")
+    for value in spec if listed else spec["log"]:
+        try:
+            TrainConfig().with_values({key: value})
+        except ValueError as e:
+            raise ValueError(f"{where}.{key}: {e}") from None
 
 
 def load_config(path: str | Path, profile: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
@@ -115,8 +130,8 @@ def _check_settings(s: dict[str, Any]) -> None:
                       ("pretrain_epochs", 1), ("pretrain_max_train", 0), ("proxy_train_size", 0),
                       ("proxy_test_size", 0)):
         count(name, low)
-    if not (isinstance(s["methods"], list) and s["methods"] and set(s["methods"]) <= set(sw.METHODS)):
-        raise ValueError(f"methods must be a non-empty list of {list(sw.METHODS)}, got {s['methods']!r}")
+    if not (isinstance(s["methods"], list) and s["methods"] and set(s["methods"]) <= set(sc.METHODS)):
+        raise ValueError(f"methods must be a non-empty list of {list(sc.METHODS)}, got {s['methods']!r}")
     if not (isinstance(s["epsilon"], (int, float)) and 0 < s["epsilon"] < math.inf):
         raise ValueError(f"epsilon must be a finite number > 0 (the tuning target), got {s['epsilon']!r}")
     pub, proxy = s["public_classes"], s["proxy_classes"]
@@ -169,26 +184,26 @@ def proxy_backbone_path(settings: dict[str, Any], cache_dir: Path) -> Path:
                                  classes=settings["public_classes"])
 
 
-def proxy_task(settings: dict[str, Any], backbone_path: Path) -> sw.Task:
+def proxy_task(settings: dict[str, Any], backbone_path: Path) -> Task:
     """The public proxy: ``proxy_classes`` of the public split, fine-tuned from the proxy backbone."""
     from experiments.data import public_split, select_classes
 
     public_train, public_test = public_split()  # holds no private example
     train = select_classes(public_train, settings["proxy_classes"])
     test = select_classes(public_test, settings["proxy_classes"])
-    train = sw.subsample(train, settings["proxy_train_size"], seed=0)
-    test = sw.subsample(test, settings["proxy_test_size"], seed=1)
+    train = subsample(train, settings["proxy_train_size"], seed=0)
+    test = subsample(test, settings["proxy_test_size"], seed=1)
     num_classes = len(settings["proxy_classes"])
     cache: dict[int, torch.nn.Module] = {}
 
     def backbone(seed: int) -> torch.nn.Module:
         if seed not in cache:
-            cache[seed] = sw.load_default_checkpoint(backbone_path, num_classes, seed).eval()
+            cache[seed] = load_default_checkpoint(backbone_path, num_classes, seed).eval()
         return cache[seed]
 
     info = {"dataset": "proxy", "model": "default", "classes": settings["proxy_classes"],
             "backbone": backbone_path.name, "n_train": len(train), "n_test": len(test)}
-    return sw.Task(train, test, num_classes, backbone, info)
+    return Task(train, test, num_classes, backbone, info)
 
 
 # --------------------------------------------------------------------------- trials
@@ -199,7 +214,7 @@ def config_hash(settings: dict[str, Any], spaces: dict[str, Any], nonprivate: di
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def run_trial(phase: str, method: str, trial: int, config: dict[str, Any], task: sw.Task, base: dict[str, Any],
+def run_trial(phase: str, method: str, trial: int, config: dict[str, Any], task: Task, base: dict[str, Any],
               out: Path, *, device: str, quiet: bool) -> dict[str, Any]:
     """Train one trial (seeded with its number) through the sweep's ``run_one``; returns its trials.csv row."""
     settings, sweep_hp, sweep = base["settings"], base["hparams"][method], base["sweep"]
@@ -297,11 +312,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     prof.add_argument("--smoke", dest="profile", action="store_const", const="smoke", help="profile 'smoke' (tests)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default results/tune-<timestamp>/); "
                    "an existing one is resumed")
-    p.add_argument("--write", type=Path, default=None,
-                   help="also copy tuned.toml here (experiments/tuned.toml: the sweep's defaults)")
+    p.add_argument("--write", type=Path, nargs="?", const=TUNED_FILE, default=None, metavar="PATH",
+                   help="also copy tuned.toml to PATH; --write alone: dp_taft/presets/tuned.toml (the sweep's "
+                        "defaults and dp_taft.presets.preset's settings)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the proxy backbone is kept (default: experiments.pretrain's cache directory)")
-    p.add_argument("--only", nargs="+", choices=sw.METHODS, metavar="METHOD",
+    p.add_argument("--only", nargs="+", choices=sc.METHODS, metavar="METHOD",
                    help="run only these methods' trials: processes with disjoint --only share one --out "
                         "(e.g. on several machines); the outputs are written once every trial is in trials.csv")
     p.add_argument("--device", default="cpu")
@@ -319,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         settings, spaces, np_space = load_config(args.config, args.profile)
-        sweep, hparams, _ = sw.load_config(sw.DEFAULT_CONFIG, "default", tuned=False)
+        sweep, hparams, _ = sc.load_config(sc.DEFAULT_CONFIG, "default", tuned=False)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
-"""Verifying a saved report: PrivacyReport.verify and ``python -m accounting verify``."""
+"""Verifying a saved report: PrivacyReport.verify, ParallelReport.verify and ``python -m accounting verify``."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from accounting import PrivacyReport, Segment
+from accounting import ParallelReport, PrivacyReport, Segment, report_from_dict
 from accounting.cli import main
 
 HISTORY = (Segment(2.0, 0.05, 60), Segment(1.2, 0.05, 200))
@@ -127,3 +129,64 @@ def test_library_verify(report):
         report.verify(["gdp"])
     with pytest.raises(ValueError, match="tolerance"):
         report.verify(tolerance=-0.1)
+
+
+# ---- parallel reports (accounting.ParallelReport): models trained on disjoint data
+
+
+@pytest.fixture(scope="module")
+def parallel() -> ParallelReport:
+    other = PrivacyReport.from_history((Segment(1.0, 0.04, 300),), 1e-6, dataset_size=8000)
+    return ParallelReport((PrivacyReport.from_history(HISTORY, 1e-5, dataset_size=10000), other), notes="two shards")
+
+
+def verify_in_a_new_process(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "accounting", "verify", path], capture_output=True, text=True)
+
+
+def test_parallel_report_verifies_as_the_largest_member(tmp_path, parallel):
+    members = parallel.members
+    assert (parallel.epsilon, parallel.delta) == (max(m.epsilon for m in members), 1e-5)  # (max ε_i, max δ_i)
+    assert ParallelReport.from_json(parallel.to_json()) == parallel
+    run = verify_in_a_new_process(write(tmp_path, parallel.to_json()))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "members[1].epsilon" in run.stdout and "OK: every stated epsilon holds" in run.stdout
+    statement = parallel.statement()
+    for phrase in ("parallel composition (McSherry 2009, Thm 4)", "disjoint at the level of examples",
+                   "A person whose examples lie in several members is not covered", "Notes: two shards"):
+        assert phrase in statement
+
+
+@pytest.mark.parametrize("field", ["epsilon", "delta"])
+def test_parallel_report_claiming_less_than_a_member_fails(tmp_path, parallel, field):
+    d = parallel.to_dict()
+    d[field] = getattr(parallel.members[0], field) * 0.9  # below the first member's
+    run = verify_in_a_new_process(write(tmp_path, d))
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert f"exceeds {field}" in run.stdout
+
+
+def test_parallel_report_with_a_tampered_member_fails(tmp_path, parallel):
+    d = parallel.to_dict()
+    d["members"][1]["epsilon"] *= 0.5
+    assert verify(write(tmp_path, d), "--json") == 1
+
+
+def test_nested_parallel_report_and_extra_fields(tmp_path, parallel, capsys):
+    nested = ParallelReport((parallel, parallel.members[1]))
+    d = {**nested.to_dict(), "statement": "as a shard set writes it", "rounds": [1, 1]}
+    assert report_from_dict(d) == nested
+    assert verify(write(tmp_path, d), "--method", "all", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["not_checked"] == ["rounds", "statement"]
+    assert {c["field"] for c in result["checks"]} >= {"members[0].members[1].epsilons.rdp", "members[0].delta"}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"members": []}, "members must be a non-empty list"),
+    ({"members": [{"epsilon": 1.0}]}, "members[0]: the report lacks the required field"),
+    ({"neighbouring": "replace-one"}, "neighbouring must be"),
+])
+def test_bad_parallel_report_exits_2(tmp_path, parallel, capsys, change, message):
+    assert verify(write(tmp_path, {**parallel.to_dict(), **change})) == 2
+    assert message in capsys.readouterr().err

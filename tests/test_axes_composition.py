@@ -8,7 +8,8 @@ import pytest
 
 from experiments import axes, composition
 from experiments import results as res
-from experiments import sweep as sw
+from experiments import sweep_config as sc
+from experiments.sweep_outputs import COLUMNS, CSV_NAME
 
 pytest.importorskip("matplotlib")
 
@@ -18,7 +19,7 @@ def test_axis_points_share_the_default_and_scale_batches_with_n(tmp_path):
     assert sum(name == "default" for name in pts.values()) == 3  # one per axis, one directory
     assert list(pts.values())[-3:] == ["default"] * 3  # last: a main sweep running alongside has finished it
     args = argparse.Namespace(methods=["taft", "nlft"], epsilon=3.0, seeds=[0, 1], cache_dir=tmp_path)
-    _, hparams, _ = sw.load_config(sw.DEFAULT_CONFIG, "default")
+    _, hparams, _ = sc.load_config(sc.DEFAULT_CONFIG, "default")
     argv = axes.sweep_argv("size", 1000, args, tmp_path / "p")
     assert argv[argv.index("--private-train-size") + 1] == "1000"
     for m in ("taft", "nlft"):
@@ -33,12 +34,12 @@ def test_axis_outputs_pair_taft_with_nlft_by_seed(tmp_path):
                       ("k-1", {"taft": (0.78, 0.79), "nlft": (0.80, 0.83)})):
         for method, values in acc.items():
             for seed, a in enumerate(values):
-                res.append_row(tmp_path / name / sw.CSV_NAME, {
+                res.append_row(tmp_path / name / CSV_NAME, {
                     "run_id": f"{method}_{seed}", "method": method, "k": 2, "label": method, "seed": seed,
-                    "target_epsilon": 3.0, "accuracy": a, "status": "ok"}, sw.COLUMNS)
-    res.append_row(tmp_path / "default" / sw.CSV_NAME, {  # another ε in the default directory: left out
+                    "target_epsilon": 3.0, "accuracy": a, "status": "ok"}, COLUMNS)
+    res.append_row(tmp_path / "default" / CSV_NAME, {  # another ε in the default directory: left out
         "run_id": "nlft_eps8", "method": "nlft", "k": 2, "label": "nlft", "seed": 0, "target_epsilon": 8.0,
-        "accuracy": 0.1, "status": "ok"}, sw.COLUMNS)
+        "accuracy": 0.1, "status": "ok"}, COLUMNS)
     args = argparse.Namespace(axes=["k"], methods=["taft", "nlft"], epsilon=3.0, seeds=[0, 1], cache_dir=tmp_path)
     axes.write_outputs(tmp_path, args, tmp_path / "default")
     text = (tmp_path / "summary.md").read_text()

@@ -163,12 +163,15 @@ def test_create_backbone_loads_local_checkpoint(tmp_path, monkeypatch):
 
 
 def test_model_normalisation():
-    model = torch.nn.Linear(1, 1)
-    assert model_normalisation(model, 3) == ((0.5,) * 3, (0.5,) * 3)
-    model.pretrained_cfg = dict(mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3))
-    assert model_normalisation(model, 3) == ((0.2, 0.4, 0.6), (0.1, 0.2, 0.3))
-    mean, std = model_normalisation(model, 1)
+    rgb = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    assert model_normalisation(rgb, 3) == ((0.5,) * 3, (0.5,) * 3)  # timm's cfg for this ViT
+    overlay = dict(mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3))
+    grey = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=1, pretrained_cfg_overlay=overlay,
+                             **TINY)
+    mean, std = model_normalisation(grey, 1)
     assert mean == pytest.approx((0.4,)) and std == pytest.approx((0.2,))
+    with pytest.raises(ValueError, match="1-channel"):
+        model_normalisation(grey, 3)
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +202,19 @@ def test_torchvision_fashion_mnist_matches_reader(torchvision_root, raw):
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0  # default 0.5 / 0.5 maps [0, 1] to [-1, 1]
 
 
-def test_missing_real_dataset_gives_clear_error(tmp_path):
+def test_fashion_mnist_falls_back_to_the_debian_files(tmp_path, raw):
+    data = load_image_dataset("fashion-mnist", tmp_path, 28, 1, train=False, download=False, mean=(0.0,), std=(1.0,))
+    assert len(data) == 10_000
+    for i in (0, 4321, 9999):
+        x, y = data[i]
+        assert y == int(raw.test_labels[i]) and torch.allclose(x, raw.test_images[i].unsqueeze(0) / 255.0)
+    assert len(load_image_dataset("fashion-mnist", tmp_path, 32, 3, train=True, download=False)) == 60_000
+
+
+def test_missing_real_dataset_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.FMNIST_ENV_VAR, str(tmp_path / "no-debian-files"))
     for name in ("cifar10", "cifar100", "fashion-mnist"):
-        with pytest.raises(FileNotFoundError, match="download"):
+        with pytest.raises(FileNotFoundError, match="--data-root DIR.*--download"):
             load_image_dataset(name, tmp_path, 224, 3, train=True, download=False)
     with pytest.raises(ValueError, match="unknown"):
         load_image_dataset("mnist", tmp_path, 28, 1, train=True, download=False)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Subset
 
 import dp_taft
-from dp_taft.shards import ShardAssignment, fit_shards
+from dp_taft.shards import ShardAssignment, fit_shards, load_shards
 from fit_cases import permission_modes, umask
 
 FIT = dict(epochs=1, batch_size=4, lr=0.5, quiet=True)  # small: secret keys give random shard sizes
@@ -57,13 +57,17 @@ def test_duplicate_ids_refused():
         ShardAssignment.create([1, 2, 2], 2)
 
 
-def test_forget_retrains_with_fresh_noise_exactly_as_from_scratch(tmp_path):
+@pytest.mark.parametrize("reload", [False, True], ids=["in_memory", "reloaded"])
+def test_forget_retrains_with_fresh_noise_exactly_as_from_scratch(tmp_path, reload):
     """Untouched shards stay the very same models; a retrained shard equals fit() from w0 on
-    its data without the removed ids with the (shard, round 2) seed, not the round-1 seed."""
+    its data without the removed ids with the (shard, round 2) seed, not the round-1 seed;
+    also on the set reloaded from its out_dir (load_shards), as a later process would."""
     tangent, data = tiny_task()
     ids = list(range(1000, 1000 + len(data)))
     kwargs = dict(epsilon=2.0, delta=1e-3, **FIT)
     shard_set = fit_shards(tangent, data, 3, ids=ids, seed=1, out_dir=tmp_path / "a", **kwargs)
+    if reload:
+        shard_set = load_shards(tmp_path / "a", tangent, data, ids=ids, **kwargs)
     before = list(shard_set.models)
     removed = [1005, 1040]
     result = shard_set.forget(removed)
@@ -107,21 +111,26 @@ def test_seedless_shards_retrain_with_fresh_secret_noise():
     assert all(not states_equal(shard_set.models[s], before[s]) for s in retrained)
 
 
-def test_forget_deletes_the_stored_features_of_removed_examples(tmp_path):
+@pytest.mark.parametrize("reload", [False, True], ids=["in_memory", "reloaded"])
+def test_forget_deletes_the_stored_features_of_removed_examples(tmp_path, reload):
     """With a prefix cache_dir, each shard caches its own examples' frozen features; forgetting
     an example must erase its features from disk too, not only retrain the model."""
     tangent, data = tiny_task(n=60)
-    shard_set = fit_shards(tangent, data, 2, ids=range(60), epsilon=2.0, delta=1e-3, cache_dir=tmp_path, **FIT)
+    cache = tmp_path / "cache"
+    kwargs = dict(epsilon=2.0, delta=1e-3, cache_dir=cache, **FIT)
+    shard_set = fit_shards(tangent, data, 2, ids=range(60), out_dir=tmp_path / "set", **kwargs)
+    if reload:
+        shard_set = load_shards(tmp_path / "set", tangent, data, ids=range(60), **kwargs)
     with torch.no_grad():
         features = tangent.prefix(data[7][0][None])[0].contiguous().numpy().tobytes()
 
     def stored() -> bool:
-        return any(features in p.read_bytes() for p in tmp_path.rglob("*.bin"))
+        return any(features in p.read_bytes() for p in cache.rglob("*.bin"))
 
     assert stored()  # the cache really holds example 7's features (else this test proves nothing)
     shard_set.forget([7])
     assert not stored()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["shard_000", "shard_001"]
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == ["shard_000", "shard_001"]
 
 
 def test_relaunch_into_the_same_out_dir_keeps_the_partition(tmp_path):

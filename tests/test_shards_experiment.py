@@ -19,7 +19,8 @@ from dp_taft.methods import linear_probe
 from dp_taft.shards import ShardAssignment, content_ids
 from experiments import results as res
 from experiments import shards, shards_privacy, shards_regenerate
-from experiments import sweep as sw
+from experiments import sweep_config as sc
+from experiments.task import build_task
 from fit_cases import easy_dataset, permission_modes, tiny_vit
 
 pytest.importorskip("matplotlib")
@@ -143,7 +144,7 @@ def test_published_sizes_come_from_a_secret_owner_only_partition_key(smoke_out, 
     assert key.bit_length() > 64  # drawn (128 bits), not a small public constant; fails with probability 2^-64
     args = shards.parse_args(["--smoke", "--checkpoint", str(backbone_file)])
     settings, _, _ = shards.load_config(shards.DEFAULT_CONFIG, "smoke")
-    ids = content_ids(sw.build_task(args, settings).train)
+    ids = content_ids(build_task(args, settings).train)
     for r in res.read_rows(smoke_out / shards.CSV_NAME):
         sizes = ShardAssignment.create(ids, int(r["n_shards"]), key).sizes
         assert ";".join(map(str, sizes)) == r["shard_sizes"]
@@ -177,7 +178,7 @@ def test_config_errors(tmp_path, backbone_file):
 def test_quick_profile_resolves():
     settings, hp, nonprivate = shards.load_config(shards.DEFAULT_CONFIG, "quick")
     assert settings["n_shards"] == [1, 2, 4] and settings["seeds"] == [0]
-    _, sweep_hp, sweep_nonprivate = sw.load_config(sw.DEFAULT_CONFIG, "default")  # with the tuned file
+    _, sweep_hp, sweep_nonprivate = sc.load_config(sc.DEFAULT_CONFIG, "default")  # with the tuned file
     assert hp["epochs"] == 1 and hp["batch_size"] == 200 and nonprivate == sweep_nonprivate["taft"]
     default, hp_default, _ = shards.load_config(shards.DEFAULT_CONFIG, "default")
     assert default["n_shards"] == [1, 2, 4, 8] and default["private_train_size"] == 10000

@@ -18,7 +18,8 @@ import torch
 
 import accounting
 from experiments import results as res
-from experiments import sweep
+from dp_taft.privacy.checkpoint import discard_keys
+from experiments import sweep, sweep_config, sweep_outputs
 
 pytest.importorskip("matplotlib")
 
@@ -65,14 +66,14 @@ def test_markdown_table_and_plot_are_generic(tmp_path):
 # --------------------------------------------------------------------------- config
 @pytest.mark.parametrize("profile", ["default", "quick", "smoke"])
 def test_profiles_resolve(profile):
-    s, hp, nonpriv = sweep.load_config(sweep.DEFAULT_CONFIG, profile)
-    sweep._check_sweep(s)
-    assert set(hp) == set(sweep.METHODS) == set(nonpriv)
+    s, hp, nonpriv = sweep_config.load_config(sweep_config.DEFAULT_CONFIG, profile)
+    sweep_config.check_sweep(s)
+    assert set(hp) == set(sweep_config.METHODS) == set(nonpriv)
     runs = sweep.plan_runs(s, hp, nonpriv)
     for r in runs:
         want = {**hp[r.method], **(nonpriv[r.method] if math.isinf(r.epsilon) else {})}
         assert dict(r.hparams) == want
-    assert {r.method for r in runs} == set(sweep.METHODS)
+    assert {r.method for r in runs} == set(sweep_config.METHODS)
     assert any(math.isinf(r.epsilon) for r in runs) and s["delta"] < 1 / s["private_train_size"]
     if profile == "default":
         assert sorted(s["epsilons"]) == [1, 3, 8, math.inf] and s["seeds"] == [0, 1] and s["blocks"] == [2]
@@ -83,16 +84,16 @@ def test_config_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[sweep]\nmethods=['fc']\n[hparams]\nlearning_rate=1\n[profiles.default]\n")
     with pytest.raises(ValueError, match="learning_rate"):
-        sweep.load_config(bad, "default")
+        sweep_config.load_config(bad, "default")
     with pytest.raises(ValueError, match="no profile"):
-        sweep.load_config(sweep.DEFAULT_CONFIG, "nope")
-    _, hp, nonpriv = sweep.load_config(sweep.DEFAULT_CONFIG, "default")
-    sweep.apply_sets(hp, ["taft.lr=2.0", "epochs=7", "loss=square", "nonprivate.nlft.lr=0.25"], nonpriv)
+        sweep_config.load_config(sweep_config.DEFAULT_CONFIG, "nope")
+    _, hp, nonpriv = sweep_config.load_config(sweep_config.DEFAULT_CONFIG, "default")
+    sweep_config.apply_sets(hp, ["taft.lr=2.0", "epochs=7", "loss=square", "nonprivate.nlft.lr=0.25"], nonpriv)
     assert hp["taft"]["lr"] == 2.0 and hp["fc"]["lr"] != 2.0 and hp["nlft"]["epochs"] == 7
     assert hp["fc"]["loss"] == "square" and nonpriv["nlft"]["lr"] == 0.25 and hp["nlft"]["lr"] != 0.25
     with pytest.raises(ValueError, match="unknown hyperparameter"):
-        sweep.apply_sets(hp, ["taft.lrr=1"])
-    sweep.apply_sets(hp, ["taft.averaging=ema", "taft.lr_schedule=cosine", "taft.warmup=0.1"])  # fit's toolbox
+        sweep_config.apply_sets(hp, ["taft.lrr=1"])
+    sweep_config.apply_sets(hp, ["taft.averaging=ema", "taft.lr_schedule=cosine", "taft.warmup=0.1"])  # fit's toolbox
     assert hp["taft"]["averaging"] == "ema" and hp["taft"]["warmup"] == 0.1 and "averaging" not in hp["nlft"]
 
 
@@ -109,10 +110,10 @@ def smoke_out(tmp_path_factory, backbone_file) -> Path:
 
 
 def test_smoke_outputs_exist_and_are_consistent(smoke_out):
-    rows = res.read_rows(smoke_out / sweep.CSV_NAME)
-    assert list(rows[0]) == list(sweep.COLUMNS)
-    s, _, _ = sweep.load_config(sweep.DEFAULT_CONFIG, "smoke")
-    assert len(rows) == len(sweep.METHODS) * len(s["epsilons"])
+    rows = res.read_rows(smoke_out / sweep_outputs.CSV_NAME)
+    assert list(rows[0]) == list(sweep_outputs.COLUMNS)
+    s, _, _ = sweep_config.load_config(sweep_config.DEFAULT_CONFIG, "smoke")
+    assert len(rows) == len(sweep_config.METHODS) * len(s["epsilons"])
     assert {r["label"] for r in rows} == {"FC", "TAFT-2", "TAFT-2 (head first)", "NLFT-2"}
     for r in rows:
         assert r["status"] == "ok", r["error"]
@@ -126,10 +127,10 @@ def test_smoke_outputs_exist_and_are_consistent(smoke_out):
         report = accounting.PrivacyReport.from_json((smoke_out / r["report"]).read_text())
         assert report.epsilon == pytest.approx(float(r["epsilon"]), rel=1e-5) and report.epsilon <= target
         assert report.steps == int(r["steps"]) and report.delta == 1e-5
-    summary = (smoke_out / sweep.SUMMARY_NAME).read_text()
+    summary = (smoke_out / sweep_outputs.SUMMARY_NAME).read_text()
     for needle in ("| method | ε = 1 | ∞ (non-private) |", "| FC |", "| TAFT-2 |", "| NLFT-2 |"):
         assert needle in summary
-    assert (smoke_out / sweep.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
+    assert (smoke_out / sweep_outputs.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
     details = json.loads((smoke_out / "runs" / "taft2_eps1_seed0.json").read_text())
     assert len(details["history"]) == 1
     # the noiseless training loss of the private data stays out of the shareable outputs
@@ -143,54 +144,54 @@ def test_reproducible_runs_repeat_and_are_labelled_seeded(tmp_path, backbone_fil
     outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
     for out, extra in zip(outs, (["--reproducible"], ["--reproducible"], [])):
         assert _smoke(out, backbone_file, "--methods", "fc", "--epsilons", "1", *extra) == 0
-    acc = [res.read_rows(out / sweep.CSV_NAME)[0]["accuracy"] for out in outs]
+    acc = [res.read_rows(out / sweep_outputs.CSV_NAME)[0]["accuracy"] for out in outs]
     reports = [json.loads((out / "reports" / "fc_eps1_seed0.json").read_text()) for out in outs]
     assert acc[0] == acc[1]  # seeded: the same run twice
-    assert res.read_rows(outs[0] / sweep.CSV_NAME)[0]["randomness"] == "seeded"
-    assert "Training randomness was seeded" in (outs[0] / sweep.SUMMARY_NAME).read_text()
+    assert res.read_rows(outs[0] / sweep_outputs.CSV_NAME)[0]["randomness"] == "seeded"
+    assert "Training randomness was seeded" in (outs[0] / sweep_outputs.SUMMARY_NAME).read_text()
     assert reports[0]["epsilon"] == reports[2]["epsilon"]  # the privacy plan does not depend on the seed
 
 
 def test_resume_skips_finished_runs_and_refuses_other_settings(smoke_out, backbone_file, monkeypatch):
-    before = (smoke_out / sweep.CSV_NAME).read_text()
+    before = (smoke_out / sweep_outputs.CSV_NAME).read_text()
 
-    def no_fit(*a, **k):
+    def no_finetune(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(sweep, "fit", no_fit)
+    monkeypatch.setattr(sweep, "finetune", no_finetune)
     assert _smoke(smoke_out, backbone_file) == 0
-    assert (smoke_out / sweep.CSV_NAME).read_text() == before
+    assert (smoke_out / sweep_outputs.CSV_NAME).read_text() == before
     assert _smoke(smoke_out, backbone_file, "--set", "lr=0.1") == 2  # other settings: refuse to mix
-    assert (smoke_out / sweep.CSV_NAME).read_text() == before
-    (smoke_out / sweep.SUMMARY_NAME).unlink()
+    assert (smoke_out / sweep_outputs.CSV_NAME).read_text() == before
+    (smoke_out / sweep_outputs.SUMMARY_NAME).unlink()
     assert sweep.main(["--report-only", "--out", str(smoke_out)]) == 0
-    assert "| TAFT-2 |" in (smoke_out / sweep.SUMMARY_NAME).read_text()
+    assert "| TAFT-2 |" in (smoke_out / sweep_outputs.SUMMARY_NAME).read_text()
 
 
 def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path, backbone_file, monkeypatch):
-    real_fit = sweep.fit
+    real_finetune = sweep.finetune
 
-    def flaky_fit(model, train_set, *, epsilon, **kw):
-        if epsilon is not None:
-            raise ValueError(f"target epsilon={epsilon} is unreachable (simulated)")
-        return real_fit(model, train_set, epsilon=epsilon, **kw)
+    def flaky_finetune(backbone, train_set, config, **kw):
+        if config.privacy.epsilon is not None:
+            raise ValueError(f"target epsilon={config.privacy.epsilon} is unreachable (simulated)")
+        return real_finetune(backbone, train_set, config, **kw)
 
-    monkeypatch.setattr(sweep, "fit", flaky_fit)
+    monkeypatch.setattr(sweep, "finetune", flaky_finetune)
     out = tmp_path / "flaky"
     assert _smoke(out, backbone_file, "--methods", "fc") == 0
-    rows = {r["run_id"]: r for r in res.read_rows(out / sweep.CSV_NAME)}
+    rows = {r["run_id"]: r for r in res.read_rows(out / sweep_outputs.CSV_NAME)}
     assert rows["fc_eps1_seed0"]["status"] == "failed" and "unreachable" in rows["fc_eps1_seed0"]["error"]
     assert rows["fc_epsinf_seed0"]["status"] == "ok"
-    assert "failed" in (out / sweep.SUMMARY_NAME).read_text() and (out / sweep.PLOT_NAME).exists()
+    assert "failed" in (out / sweep_outputs.SUMMARY_NAME).read_text() and (out / sweep_outputs.PLOT_NAME).exists()
     # failed runs are finished for resume purposes unless --retry-failed
-    monkeypatch.setattr(sweep, "fit", real_fit)
+    monkeypatch.setattr(sweep, "finetune", real_finetune)
     assert _smoke(out, backbone_file, "--methods", "fc") == 0
-    assert len(res.read_rows(out / sweep.CSV_NAME)) == 2
+    assert len(res.read_rows(out / sweep_outputs.CSV_NAME)) == 2
     assert _smoke(out, backbone_file, "--methods", "fc", "--retry-failed") == 0
-    rows = res.read_rows(out / sweep.CSV_NAME)
+    rows = res.read_rows(out / sweep_outputs.CSV_NAME)
     assert len(rows) == 3 and rows[-1]["run_id"] == "fc_eps1_seed0" and rows[-1]["status"] == "ok"
     assert float(rows[-1]["epsilon"]) <= 1.0
-    assert "failed" not in (out / sweep.SUMMARY_NAME).read_text().split("Mean wall time")[0]
+    assert "failed" not in (out / sweep_outputs.SUMMARY_NAME).read_text().split("Mean wall time")[0]
 
 
 def test_delta_must_be_below_one_over_n(tmp_path, backbone_file):
@@ -223,11 +224,26 @@ def test_real_dataset_path_with_local_files(tmp_path):
             "--private-train-size", "64", "--test-size", "32", "--set", "epochs=1", "--set", "batch_size=32",
             "--out", str(out), "--no-progress"]
     assert sweep.main(argv) == 0
-    rows = res.read_rows(out / sweep.CSV_NAME)
+    rows = res.read_rows(out / sweep_outputs.CSV_NAME)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     assert {r["label"] for r in rows} == {"FC", "TAFT-1"}
     assert all(r["dataset"] == "fashion-mnist" and r["n_train"] == "64" and r["n_test"] == "32" for r in rows)
     assert all(float(r["epsilon"]) <= float(r["target_epsilon"]) for r in rows)
+
+
+def test_missing_data_set_says_which_flags_to_pass(tmp_path, capsys):
+    """Without the files, the error speaks the sweep's language: --data-root / --download, no Python call."""
+    timm = pytest.importorskip("timm")
+    kwargs = {"img_size": 32, "depth": 1}
+    weights = tmp_path / "vit_tiny.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=10, **kwargs).state_dict(), weights)
+    argv = ["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere"), "--model", "vit_tiny_patch16_224",
+            "--pretrained", "--checkpoint", str(weights), "--timm-kwargs", json.dumps(kwargs), "--out",
+            str(tmp_path / "out"), "--no-progress"]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--data-root DIR" in err and "--download" in err and str(tmp_path / "nowhere") in err
+    assert "()" not in err  # no Python call to make
 
 
 def test_paired_differences_match_scipy_paired_t_interval():
@@ -284,5 +300,5 @@ def test_discard_keys_removes_every_stage_checkpoint_and_keeps_ledgers(tmp_path)
         (run_dir / stage).mkdir(parents=True)
         (run_dir / stage / "checkpoint.pt").write_bytes(b"key")
         (run_dir / stage / "ledger.jsonl").write_text("{}\n")
-    sweep.discard_keys(run_dir)
+    discard_keys(run_dir)
     assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["ledger.jsonl", "ledger.jsonl"]

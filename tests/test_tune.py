@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dp_taft.presets import TUNED_FILE
 from experiments import results as res
-from experiments import sweep as sw
+from experiments import sweep_config as sc
 from experiments import tune
 
 pytest.importorskip("matplotlib")
@@ -53,7 +54,7 @@ def test_methods_share_the_trials_of_their_common_keys():
 
 def test_every_method_gets_the_same_budget():
     settings, spaces, _ = tune.load_config(tune.DEFAULT_CONFIG, "default")
-    assert set(spaces) == set(settings["methods"]) == set(sw.METHODS)
+    assert set(spaces) == set(settings["methods"]) == set(sc.METHODS)
     assert {len(tune.design(spaces[m], settings["trials"], 0)) for m in spaces} == {settings["trials"]}
 
 
@@ -121,14 +122,14 @@ def test_smoke_tuning_writes_winners_the_sweep_reads(smoke_tune, tmp_path, backb
     # the sweep resolves [hparams] -> [hparams.<method>] -> tuned -> profile
     config = tmp_path / "sweep.toml"
     (tmp_path / "mine.toml").write_text((run / tune.TUNED_NAME).read_text())
-    config.write_text(sw.DEFAULT_CONFIG.read_text().replace("[sweep]\n", '[sweep]\ntuned = "mine.toml"\n', 1)
-                      .replace('tuned = "tuned.toml"', "", 1))
-    _, hparams, nonprivate = sw.load_config(config, "default")
+    config.write_text(sc.DEFAULT_CONFIG.read_text().replace("[sweep]\n", '[sweep]\ntuned = "mine.toml"\n', 1)
+                      .replace('tuned = "dp_taft.presets"', "", 1))
+    _, hparams, nonprivate = sc.load_config(config, "default")
     for method in settings["methods"]:
         expected = {**tuned["hparams"][method]}
         assert {k: hparams[method][k] for k in expected} == expected
         assert nonprivate[method]["lr"] == tuned["nonprivate"][method]["lr"]
-    _, untuned, _ = sw.load_config(config, "default", tuned=False)
+    _, untuned, _ = sc.load_config(config, "default", tuned=False)
     assert untuned["taft"]["lr"] == tomllib.loads(config.read_text())["hparams"]["lr"]
 
 
@@ -144,10 +145,10 @@ def test_resume_skips_finished_trials_and_refuses_another_configuration(smoke_tu
 
 def test_sweep_says_how_to_get_a_missing_tuned_file(tmp_path):
     config = tmp_path / "sweep.toml"
-    config.write_text(sw.DEFAULT_CONFIG.read_text().replace("[sweep]\n", '[sweep]\ntuned = "absent.toml"\n', 1)
-                      .replace('tuned = "tuned.toml"', "", 1))
+    config.write_text(sc.DEFAULT_CONFIG.read_text().replace("[sweep]\n", '[sweep]\ntuned = "absent.toml"\n', 1)
+                      .replace('tuned = "dp_taft.presets"', "", 1))
     with pytest.raises(ValueError, match="experiments.tune"):
-        sw.load_config(config, "default")
+        sc.load_config(config, "default")
 
 
 def test_every_default_sweep_setting_traces_to_the_proxy_or_an_a_priori_choice():
@@ -155,10 +156,10 @@ def test_every_default_sweep_setting_traces_to_the_proxy_or_an_a_priori_choice()
     Every hyperparameter a default sweep run uses must come from the tuned file (public proxy)
     or be marked in sweep.toml as fixed a priori / without effect on the results; the tuning
     space must cover what the tuned file sets."""
-    _, hparams, nonprivate = sw.load_config(sw.DEFAULT_CONFIG, "default")
-    tuned = tomllib.loads((sw.DEFAULT_CONFIG.parent / "tuned.toml").read_text())
+    _, hparams, nonprivate = sc.load_config(sc.DEFAULT_CONFIG, "default")
+    tuned = tomllib.loads(TUNED_FILE.read_text())
     declared = {}
-    table = re.split(r"^\[hparams\]$", sw.DEFAULT_CONFIG.read_text(), maxsplit=1, flags=re.M)[1]
+    table = re.split(r"^\[hparams\]$", sc.DEFAULT_CONFIG.read_text(), maxsplit=1, flags=re.M)[1]
     for line in table.split("\n[", 1)[0].splitlines():
         if m := re.match(r"(\w+)\s*=[^#]*#\s*(.*)", line):
             declared[m[1]] = m[2]

@@ -22,8 +22,8 @@ from typing import IO, Any
 import accounting
 import torch
 
-__all__ = ["atomic_save", "write_private_text", "private_dir", "open_private", "fsync_dir", "load_checkpoint", "Ledger",
-           "CHECKPOINT_FILE", "LEDGER_FILE", "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE"]
+__all__ = ["atomic_save", "write_private_text", "private_dir", "open_private", "fsync_dir", "load_checkpoint",
+           "discard_keys", "Ledger", "CHECKPOINT_FILE", "LEDGER_FILE", "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGER_FILE = "ledger.jsonl"
@@ -106,6 +106,14 @@ def write_private_text(path: str | Path, text: str) -> None:
     """``text`` (UTF-8) to ``path``, atomically and owner-only (0600) whatever the umask:
     for small private files such as a shard assignment (content ids and the partition key)."""
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def discard_keys(run_dir: str | Path) -> None:
+    """Delete every checkpoint under ``run_dir`` (each stage's, e.g. head first's ``head/`` and
+    ``taft/``): a finished run's checkpoints hold its secret key, which must not outlive the run.
+    The write-ahead ledgers stay: they hold only what was spent (σ, q, steps)."""
+    for path in Path(run_dir).rglob(CHECKPOINT_FILE):
+        path.unlink()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -11,10 +13,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .distributed import Comm
-from .prefix_cache import CacheSpec, PrefixCache, build_prefix_cache
 from .randomness import PoissonSampler
 
-__all__ = ["resolve_train_set", "Indexed", "poisson_sampler", "poisson_loader", "cache_prefix", "FromPrefix"]
+if TYPE_CHECKING:
+    from .prefix_cache import CacheSpec, PrefixCache
+
+__all__ = ["resolve_train_set", "collate_examples", "Indexed", "poisson_sampler", "poisson_loader", "cache_prefix",
+           "FromPrefix"]
 
 
 def resolve_train_set(train_set: Dataset | DataLoader) -> tuple[Dataset, float | None]:
@@ -34,6 +39,24 @@ def resolve_train_set(train_set: Dataset | DataLoader) -> tuple[Dataset, float |
             "Opacus' Poisson DPDataLoader) or an opacus.data_loader.DPDataLoader."
         )
     return train_set, None
+
+
+def collate_examples(batch: Sequence[Sequence[Any]]) -> Any:
+    """``default_collate`` of a list of examples (tuples such as (image, label)), refusing
+    tensors of different shapes in the same position with a message that says to resize,
+    rather than torch's "stack expects each tensor to be equal size"."""
+    for position in range(len(batch[0]) if batch and isinstance(batch[0], (tuple, list)) else 0):
+        shapes = {tuple(item[position].shape) for item in batch if torch.is_tensor(item[position])}
+        if len(shapes) > 1:
+            what = "images" if position == 0 else f"values at position {position} of the examples"
+            raise ValueError(
+                f"{what} of different shapes in one batch: {', '.join(map(str, sorted(shapes)[:5]))}"
+                f"{', ...' if len(shapes) > 5 else ''}. Every example must have the same shape: resize them in the "
+                "data set's transform, e.g. dp_taft.images.load_images(..., transform=dp_taft.backbone.eval_transform("
+                "dp_taft.backbone.data_config(model))) or torchvision.transforms Resize(size) + CenterCrop(size) "
+                "before ToTensor()"
+            )
+    return default_collate(batch)
 
 
 class Indexed(Dataset):
@@ -71,7 +94,8 @@ def poisson_loader(dataset: Dataset, sampler: UniformWithReplacementSampler, *, 
     """Loader of ``sampler``'s Poisson batches of ``dataset``, as Opacus' DPDataLoader builds it:
     an empty batch comes out as tensors with a zero batch dimension, not an error."""
     first = dataset[0]
-    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *shape_safe(v)) for v in first],
+    collate = wrap_collate_with_empty(collate_fn=collate_examples,
+                                      sample_empty_shapes=[(0, *shape_safe(v)) for v in first],
                                       dtypes=[dtype_safe(v) for v in first])
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
@@ -82,6 +106,9 @@ def cache_prefix(model: nn.Module, dataset: Dataset, *, batch_size: int, device:
     on ``device``) and its label, stored as ``spec`` says (default: "auto", float32) and
     read back as float32: see :mod:`dp_taft.privacy.prefix_cache`. ``desc`` names the set
     ("train", "eval") in the progress bar and in the line that says where the cache went."""
+    # Imported here: prefix_cache batches its data with this module's collate_examples.
+    from .prefix_cache import CacheSpec, build_prefix_cache
+
     return build_prefix_cache(model, dataset, CacheSpec() if spec is None else spec, batch_size=batch_size,
                               device=device, quiet=quiet, desc=desc)
 

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, fsync_dir, open_private, private_dir
+from .data import collate_examples
 from .prefix_keys import FORMAT, CacheKey, HashedExamples, load_salt, stream_digest, tensor_digest
 
 __all__ = ["PrefixCache", "CacheSpec", "build_prefix_cache", "available_memory", "STORAGE_DTYPES", "RAM_FRACTION"]
@@ -190,8 +191,8 @@ Batch = tuple[int, torch.Tensor, torch.Tensor]  # (position of its first example
 def _prefix_batches(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, quiet: bool,
                     desc: str) -> Iterator[Batch]:
     start = 0
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc=f"caching prefix ({desc})",
-                     disable=quiet, leave=False):
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_examples),
+                     desc=f"caching prefix ({desc})", disable=quiet, leave=False):
         h = model.prefix(x.to(device)).cpu()
         yield start, h, torch.as_tensor(y)
         start += len(h)

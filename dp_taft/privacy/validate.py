@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import accounting
@@ -18,12 +19,10 @@ import torch.nn as nn
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from torch.utils.data import DataLoader, Dataset
 
-from ..averaging import AVERAGING
 from ..losses import make_loss
-from ..schedules import SCHEDULES
 from ..tangent import UnsupportedModelError
 from .bookkeeping import BK_RULES, require_bk_layers, trainable_layers
-from .data import resolve_train_set
+from .data import collate_examples, resolve_train_set
 from .engine import ClippedSumHook
 
 __all__ = [
@@ -43,70 +42,61 @@ __all__ = [
 GRAD_SAMPLE_MODES = ("auto", "bk", "hooks", "ghost")
 
 
-def check_arguments(given: dict[str, Any], *, optimizers: tuple[str, ...], accountants: tuple[str, ...]) -> dict[str, Any]:
-    """Validate :func:`dp_taft.fit`'s arguments that need no data; ``given`` is its ``locals()``.
+def check_arguments(options: Mapping[str, Any], *, prior: Any = (), stage: str | None = None, augment: Any = None,
+                    grad_sample_hook: Any = None) -> dict[str, Any]:
+    """Validate :func:`dp_taft.fit`'s arguments that need no data.
 
-    Returns the normalized values by name (floats, ints, the ``criterion`` module).
+    ``options``: the flat options of :meth:`dp_taft.TrainConfig.fit_options` (their types and
+    choices are checked when the config is made); ``prior``, ``stage``, ``augment`` and
+    ``grad_sample_hook``: fit's own arguments. Returns ``options`` with normalised values
+    (floats, ints) and ``criterion``, the loss module, and ``prior``.
     """
-    epsilon = check_epsilon(given["epsilon"])
-    momentum = check_real("momentum", given["momentum"], "SGD momentum", low_open=False)
+    epsilon = check_epsilon(options["epsilon"])
+    momentum = check_real("momentum", options["momentum"], "SGD momentum", low_open=False)
     if not momentum < 1:
         raise ValueError(f"momentum must be in [0, 1) (SGD momentum), got {momentum}")
-    check_choice("optimizer", given["optimizer"], optimizers)
-    mode = check_choice("grad_sample_mode", given["grad_sample_mode"], GRAD_SAMPLE_MODES)
-    check_choice("accountant", given["accountant"], accountants)
-    _check_randomness(given["seed"], given["secure_mode"])
-    prior = given["prior"]
+    mode = options["grad_sample_mode"]
+    _check_randomness(options["seed"], options["secure_mode"])
     if prior and epsilon is None:
         raise ValueError("prior is a privacy history to compose with; it needs a target epsilon (got epsilon=None)")
     segments = prior.history if isinstance(prior, accounting.PrivacyReport) else prior
     if not all(isinstance(s, accounting.Segment) for s in segments):
         raise ValueError("prior must be an accounting.PrivacyReport or a sequence of accounting.Segment "
                          "(e.g. an earlier result.report)")
-    for name in ("augment", "grad_sample_hook"):
-        if given[name] is not None and not callable(given[name]):
-            raise ValueError(f"{name} must be a callable or None, got {type(given[name]).__name__}")
-    hook = given["grad_sample_hook"]  # a ClippedSumHook also runs without per-sample gradients
+    for name, value in (("augment", augment), ("grad_sample_hook", grad_sample_hook)):
+        if value is not None and not callable(value):
+            raise ValueError(f"{name} must be a callable or None, got {type(value).__name__}")
+    hook = grad_sample_hook  # a ClippedSumHook also runs without per-sample gradients
     if hook is not None and mode not in ("auto", "hooks", *(("bk",) if isinstance(hook, ClippedSumHook) else ())):
         raise ValueError(f"grad_sample_hook needs grad_sample_mode='hooks' (per-sample gradients; 'bk' too for a "
                          f"dp_taft.privacy.engine.ClippedSumHook), got {mode!r}")
-    for flag in ("quiet", "show_train_loss"):  # secure_mode: _check_randomness
-        if not isinstance(given[flag], bool):
-            raise ValueError(f"{flag} must be True or False, got {given[flag]!r}")
-    if given["distributed"] not in (None, True, False):
-        raise ValueError(f"distributed must be None (automatic under torchrun), True or False, got {given['distributed']!r}")
-    _check_toolbox(given, mode)
-    if given["stage"] is not None and not (isinstance(given["stage"], str) and given["stage"]):
-        raise ValueError(f"stage must be a non-empty string label or None, got {given['stage']!r}")
+    _check_toolbox(options, mode)
+    if stage is not None and not (isinstance(stage, str) and stage):
+        raise ValueError(f"stage must be a non-empty string label or None, got {stage!r}")
     return {
+        **options,
         "epsilon": epsilon,
-        "max_grad_norm": check_real("max_grad_norm", given["max_grad_norm"], "per-sample clipping norm C"),
-        "epochs": check_int("epochs", given["epochs"], "passes over the data", low=1),
-        "lr": check_real("lr", given["lr"], "learning rate", low_open=False),
+        "max_grad_norm": check_real("max_grad_norm", options["max_grad_norm"], "per-sample clipping norm C"),
+        "epochs": check_int("epochs", options["epochs"], "passes over the data", low=1),
+        "lr": check_real("lr", options["lr"], "learning rate", low_open=False),
         "momentum": momentum,
-        "weight_decay": check_real("weight_decay", given["weight_decay"], "L2 penalty", low_open=False),
-        "criterion": make_loss(given["loss"], given["kappa"]),
-        "checkpoint_every": check_int("checkpoint_every", given["checkpoint_every"], "steps between checkpoints", low=1),
-        "num_workers": check_int("num_workers", given["num_workers"], "DataLoader workers", low=0),
+        "weight_decay": check_real("weight_decay", options["weight_decay"], "L2 penalty", low_open=False),
+        "criterion": make_loss(options["loss"], options["kappa"]),
+        "checkpoint_every": check_int("checkpoint_every", options["checkpoint_every"], "steps between checkpoints",
+                                      low=1),
+        "num_workers": check_int("num_workers", options["num_workers"], "DataLoader workers", low=0),
         "prior": prior,
-        "batch_size": given["batch_size"],
-        "physical_batch_size": given["physical_batch_size"],
-        "delta": given["delta"],
     }
 
 
-def _check_toolbox(given: dict[str, Any], mode: str) -> None:
-    """The convex-toolbox options: LR schedule, clipping kind, iterate averaging."""
-    check_choice("lr_schedule", given["lr_schedule"], SCHEDULES)
+def _check_toolbox(given: Mapping[str, Any], mode: str) -> None:
+    """The convex-toolbox options: LR schedule, clipping kind, iterate averaging (names checked by the config)."""
     warmup = check_real("warmup", given["warmup"], "fraction of the planned steps spent warming up", low_open=False)
     if not warmup < 1:
         raise ValueError(f"warmup must be in [0, 1) (fraction of the planned steps), got {warmup!r}")
-    check_choice("clipping", given["clipping"], ("flat", "automatic"))
     check_real("clipping_gamma", given["clipping_gamma"], "stability constant γ of automatic clipping")
     if given["clipping"] == "automatic" and mode not in ("auto", "hooks"):
         raise ValueError(f"clipping='automatic' needs grad_sample_mode='hooks' (per-sample gradients), got {mode!r}")
-    if given["averaging"] is not None:
-        check_choice("averaging", given["averaging"], AVERAGING)
     for name, meaning, closed in (("tail_fraction", "share of the planned steps averaged", True),
                                   ("ema_decay", "EMA decay per step", False)):
         value = check_real(name, given[name], meaning)
@@ -115,8 +105,6 @@ def _check_toolbox(given: dict[str, Any], mode: str) -> None:
 
 
 def _check_randomness(seed: object, secure_mode: object) -> None:
-    if not isinstance(secure_mode, bool):
-        raise ValueError(f"secure_mode must be True or False, got {secure_mode!r}")
     if seed is None:
         return
     check_int("seed", seed, "random seed for a reproducible run; None (default) keeps the randomness secret", low=0)
@@ -287,7 +275,7 @@ def check_examples(dataset: Dataset, model: nn.Module, num_classes: int, what: s
     expected = _expected_image(model)
     first_shape: tuple[int, ...] | None = None
     seen = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_examples):
         if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
             raise ValueError(f"{what} must yield (image, label) pairs, got items of another structure")
         x, y = batch
