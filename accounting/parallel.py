@@ -28,10 +28,13 @@ from accounting import _validate
 from accounting.report import NEIGHBOURING, EpsilonCheck, PrivacyReport, _json_float, _read_float
 
 FORMAT = "dp_taft.parallel_report/1"
+#: Why the maximum over the members holds: "disjoint" training data (parallel composition), or
+#: "per-example": each member is the sequential composition of what one example may have used.
+BASES = ("disjoint", "per-example")
 #: The method name of the checks that compare a parallel report's own (ε, δ) with its members'.
 PARALLEL = "parallel"
 
-__all__ = ["FORMAT", "ParallelReport", "report_from_dict"]
+__all__ = ["BASES", "FORMAT", "ParallelReport", "report_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ParallelReport:
     notes: str = ""
     epsilon: Optional[float] = None
     delta: Optional[float] = None
+    basis: str = "disjoint"
 
     def __post_init__(self) -> None:
         if isinstance(self.members, (str, bytes, Mapping)) or not isinstance(self.members, Sequence):
@@ -63,6 +67,8 @@ class ParallelReport:
                                  "ParallelReport per model")
         if not isinstance(self.notes, str):
             raise ValueError(f"notes must be a string, got {self.notes!r}")
+        if self.basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
         epsilon = max(m.epsilon for m in members) if self.epsilon is None else self.epsilon
         delta = max(m.delta for m in members) if self.delta is None else self.delta
         object.__setattr__(self, "members", members)
@@ -77,7 +83,8 @@ class ParallelReport:
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data in format ``FORMAT`` (see the module docstring)."""
         return {"format": FORMAT, "neighbouring": NEIGHBOURING, "epsilon": _json_float(self.epsilon),
-                "delta": self.delta, "notes": self.notes, "members": [m.to_dict() for m in self.members]}
+                "delta": self.delta, "basis": self.basis, "notes": self.notes,
+                "members": [m.to_dict() for m in self.members]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -105,7 +112,7 @@ class ParallelReport:
             except ValueError as err:
                 raise ValueError(f"members[{i}]: {err}") from None
         return cls(tuple(members), notes=data.get("notes", ""), epsilon=_read_float(data["epsilon"], "epsilon"),
-                   delta=data["delta"])
+                   delta=data["delta"], basis=data.get("basis", "disjoint"))
 
     @classmethod
     def from_json(cls, text: str) -> "ParallelReport":
@@ -139,22 +146,32 @@ class ParallelReport:
         k = len(self.members)
         each = "; ".join(f"member {i + 1}: ({m.epsilon:.4g}, {m.delta:.3g})" for i, m in enumerate(self.members))
         notes = f" Notes: {self.notes}" if self.notes else ""
+        guarantee = (f"satisfy ({self.epsilon:.4g}, {self.delta:.3g})-differential privacy at the level of a single "
+                     "training example, for neighbouring datasets that differ by adding or removing one example")
+        if self.basis == "per-example":
+            return (
+                f"The released models {guarantee}: each of the {k} members is the sequential composition of the "
+                "training runs that one example may have been used by, every example falls under one member, so "
+                f"epsilon and delta are the maxima over the members ({each}). It assumes everything each member's "
+                "own report assumes (its statement says what), and that which member an example falls under depends "
+                f"on that example alone.{notes}"
+            )
         return (
-            f"The {k} models together, and any model built from them alone (such as their average), satisfy "
-            f"({self.epsilon:.4g}, {self.delta:.3g})-differential privacy at the level of a single training example, "
-            "for neighbouring datasets that differ by adding or removing one example, by parallel composition "
-            "(McSherry 2009, Thm 4): each example is in the training data of one member only, so adding or removing "
-            "it changes one member's input, and epsilon and delta are the maxima over the members (delta composes as "
-            f"the max, not the sum) ({each}). It assumes that the members' training data are disjoint at the level of "
-            "examples, that which member an example goes to depends on that example alone (not on which other "
-            "examples are present), that each member drew its own secret randomness, and everything each member's "
-            "own report assumes (its statement says what). A person whose examples lie in several members is not "
-            f"covered by this guarantee: only the sequential composition of those members covers that person.{notes}"
+            f"The {k} models together, and any model built from them alone (such as their average), {guarantee}, "
+            "by parallel composition (McSherry 2009, Thm 4): each example is in the training data of one member only, "
+            "so adding or removing it changes one member's input, and epsilon and delta are the maxima over the "
+            f"members (delta composes as the max, not the sum) ({each}). It assumes that the members' training data "
+            "are disjoint at the level of examples, that which member an example goes to depends on that example "
+            "alone (not on which other examples are present), that each member drew its own secret randomness, and "
+            "everything each member's own report assumes (its statement says what). A person whose examples lie in "
+            "several members is not covered by this guarantee: only the sequential composition of those members "
+            f"covers that person.{notes}"
         )
 
     def __str__(self) -> str:
-        return (f"(epsilon={self.epsilon:.4g}, delta={self.delta:.3g}) by parallel composition of "
-                f"{len(self.members)} member(s) trained on disjoint data, add/remove-one")
+        how = "disjoint data" if self.basis == "disjoint" else "one case per example"
+        return (f"(epsilon={self.epsilon:.4g}, delta={self.delta:.3g}) as the maximum over {len(self.members)} "
+                f"member(s) ({how}), add/remove-one")
 
 
 def report_from_dict(data: Mapping[str, Any]) -> Union[PrivacyReport, ParallelReport]:

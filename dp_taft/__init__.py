@@ -3,7 +3,7 @@
 from . import privacy  # registers the Opacus grad/norm samplers
 from .tangent import TangentViT, UnsupportedModelError, linearize
 from . import methods
-from .compose import compose
+from .compose import compose, compose_reports
 from .train import FitResult, fit
 from .config import DataOptions, MethodOptions, OptimOptions, PrivacyOptions, RunOptions, TrainConfig
 from .recipes import finetune
@@ -15,7 +15,7 @@ from .model_file import ModelSpec
 # dp_taft.images.load_images, dp_taft.backbone.eval_transform, dp_taft.inference.evaluate_model
 from . import audit, backbone, head_first, images, inference, shards
 
-__all__ = ["TangentViT", "UnsupportedModelError", "linearize", "fit", "FitResult", "methods", "compose",
+__all__ = ["TangentViT", "UnsupportedModelError", "linearize", "fit", "FitResult", "methods", "compose", "compose_reports",
            "audit", "head_first", "shards", "TrainConfig", "MethodOptions", "PrivacyOptions", "OptimOptions",
            "DataOptions", "RunOptions", "finetune", "presets", "BackboneSpec", "ModelSpec", "save", "load",
            "backbone", "images", "inference"]

@@ -81,7 +81,7 @@ class BackboneSpec:
         check_int("num_classes", self.num_classes, "classes of the head; 0 for none", low=0)
         if self.weights is not None:
             object.__setattr__(self, "weights", str(self.weights))
-        object.__setattr__(self, "model_kwargs", _json_copy(self.model_kwargs))
+        object.__setattr__(self, "model_kwargs", json_copy(self.model_kwargs, "model_kwargs"))
 
     def create(self, weights: str | Path | None = None) -> nn.Module:
         """The backbone in eval mode; ``weights`` overrides the stored file (same weights, another place)."""
@@ -91,7 +91,7 @@ class BackboneSpec:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields; ``BackboneSpec.from_dict(spec.to_dict()) == spec``."""
         return {"name": self.name, "num_classes": self.num_classes, "weights": self.weights,
-                "model_kwargs": _json_copy(self.model_kwargs)}
+                "model_kwargs": json_copy(self.model_kwargs, "model_kwargs")}
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> BackboneSpec:
@@ -104,14 +104,15 @@ class BackboneSpec:
         return cls(**fields)
 
 
-def _json_copy(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy through JSON, so a spec always serialises (tuples come back as lists)."""
-    if not isinstance(kwargs, Mapping):
-        raise ValueError(f"model_kwargs must be a mapping of timm.create_model keyword arguments, got {kwargs!r}")
+def json_copy(value: object, name: str) -> dict[str, Any]:
+    """A deep copy of the mapping ``value`` through JSON, so a spec always serialises (tuples
+    come back as lists); ValueError naming ``name`` for anything else."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping (a JSON object), got {value!r}")
     try:
-        return json.loads(json.dumps(dict(kwargs)))
+        return json.loads(json.dumps(dict(value)))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"model_kwargs must be JSON-able (numbers, strings, lists, dicts): {err}") from err
+        raise ValueError(f"{name} must be JSON-able (numbers, strings, lists, dicts): {err}") from err
 
 
 def create_backbone(name: str, num_classes: int, *, weights: str | Path | None = None,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import accounting
 import torch
 
+from .sequential import sequential_report
 from .shard_report import ShardPrivacyReport
 from .tangent import TangentViT
 
@@ -85,17 +86,18 @@ def compose_reports(reports: Sequence[Report | ShardPrivacyReport], *, disjoint:
     Args:
         reports: one report per member model, in training order: an ``accounting.PrivacyReport``
             (which may itself be staged or composed), an ``accounting.ParallelReport`` or a
-            shard set's report (its :meth:`~ShardPrivacyReport.as_parallel`, the current models).
+            shard set's report (its :meth:`~ShardPrivacyReport.as_parallel`: per shard, every model
+            it released, those replaced after removals too, composed sequentially). A shard set's
+            report read back from its JSON (``accounting.report_from_dict``) is that same parallel
+            report, so composing it again never drops the replaced rounds.
         disjoint: False (default): the members may have seen the same examples, so their DP-SGD
             histories compose sequentially: ``PrivacyReport.from_history`` of the concatenated
             segments, labelled ``"model i"`` (``"model i: <stage>"`` for a staged member), with the
             first member's method. True: the caller declares the members' training data disjoint
             (no example in two of them): an ``accounting.ParallelReport``, (max ε_i, max δ_i).
 
-    δ of a sequential composition is the largest member δ. Any δ in (0, 1) is valid there, as ε
-    is recomputed at that δ from the whole history; the largest keeps the composition's ε
-    comparable to each member's (a member's ε at its own δ is at least its ε at a larger one),
-    and it is one of the δ's the members were already held to (below 1/N for their data).
+    δ of a sequential composition is the largest member δ, at which ε is recomputed from the
+    whole history (:func:`dp_taft.sequential.sequential_report` says why that is valid).
 
     A parallel member under sequential composition is handled exactly, not refused: an example
     is in one part of it, so releasing everything costs that example the sequential composition
@@ -121,25 +123,17 @@ def compose_reports(reports: Sequence[Report | ShardPrivacyReport], *, disjoint:
     split = members[parallel]
     return accounting.ParallelReport(
         tuple(compose_reports([*members[:parallel], part, *members[parallel + 1:]]) for part in split.members),
+        basis="per-example",
         notes=(f"sequential composition of {len(members)} models, of which model {parallel + 1} is itself a parallel "
                f"composition over {len(split.members)} disjoint parts: each member here is one part composed "
-               "sequentially with the other models, and an example is in one part only"))
+               "sequentially with the other models; an example is in one part at most, so the members cover "
+               "every example"))
 
 
 def _sequential(reports: Sequence[accounting.PrivacyReport]) -> accounting.PrivacyReport:
-    """Sequential composition of runs that may share examples (see :func:`compose_reports`)."""
-    segments, stages = [], []
-    for i, r in enumerate(reports, start=1):
-        labels = r.stages or ("",) * len(r.history)
-        segments += r.history
-        stages += [f"model {i}: {label}" if label else f"model {i}" for label in labels]
-    sizes = {r.dataset_size for r in reports}
-    norms = {r.max_grad_norm for r in reports}
-    return accounting.PrivacyReport.from_history(
-        segments, max(r.delta for r in reports), method=reports[0].method,
-        dataset_size=sizes.pop() if len(sizes) == 1 else None, max_grad_norm=norms.pop() if len(norms) == 1 else None,
-        stages=stages, notes=(
-            f"sequential composition of {len(reports)} models (stages 'model 1' to 'model {len(reports)}', in this "
-            "order) whose training data may overlap: every example may have taken part in each of them, so all "
-            "their DP-SGD steps are composed; delta is the largest member delta, at which epsilon was recomputed "
-            "from the whole history"))
+    """Sequential composition of models whose training data may overlap (see :func:`compose_reports`)."""
+    return sequential_report(reports, part="model", notes=(
+        f"sequential composition of {len(reports)} models (stages 'model 1' to 'model {len(reports)}', in this "
+        "order) whose training data may overlap: every example may have taken part in each of them, so all "
+        "their DP-SGD steps are composed; delta is the largest member delta, at which epsilon was recomputed "
+        "from the whole history"))

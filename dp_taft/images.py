@@ -26,11 +26,19 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-__all__ = ["ImageDataError", "ImageDataset", "example_id", "image_files", "load_images", "read_image",
+__all__ = ["ImageDataError", "ImageDataset", "ImageFiles", "example_id", "image_files", "load_images", "read_image",
            "IMAGE_SUFFIXES"]
 
+
+def _openable_suffixes() -> frozenset[str]:
+    """The file suffixes of the formats Pillow can open: ``registered_extensions`` also names
+    formats it can only save (.pdf, .palm, ...), which ``Image.open`` refuses."""
+    Image.init()  # load every format plugin, so that both tables are complete
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
 #: File suffixes read as images (lower case): those Pillow has a decoder for.
-IMAGE_SUFFIXES: frozenset[str] = frozenset(Image.registered_extensions())
+IMAGE_SUFFIXES: frozenset[str] = _openable_suffixes()
 _SHOWN = 5  # offending files or rows listed in one message
 
 
@@ -76,6 +84,21 @@ class ImageDataset(Dataset):
         if self.transform is None:
             return pil_to_tensor(image.convert("RGB")).float() / 255.0, self.labels[i]
         return self.transform(image), self.labels[i]
+
+
+class ImageFiles(Dataset):
+    """Unlabelled images, e.g. to predict: ``dataset[i] = (transform(image), -1)`` for ``paths[i]``
+    (the label -1 stands for "unknown"); a file that cannot be read is an :class:`ImageDataError`."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Any]) -> None:
+        self.paths = tuple(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.transform(read_image(self.paths[i])), -1
 
 
 def _refuse_duplicates(values: Sequence[Any], what: str) -> None:

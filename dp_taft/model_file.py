@@ -13,7 +13,7 @@ the model silently answers differently. A model file (:data:`MODEL_FILE`, safete
   (for a TangentViT: its head w0);
 * metadata ``format`` (:data:`FORMAT`) and ``spec`` (a :class:`ModelSpec` as JSON): the timm
   model and its kwargs, the weights file, the method and k, the class names, the data config,
-  the package version and the :func:`fingerprint` of w0.
+  the package version and the :func:`~dp_taft.fingerprint.fingerprint` of w0.
 
 :func:`load_model` rebuilds w0 from the spec and the pretrained weights, and refuses to load
 onto a w0 whose fingerprint differs (:class:`BaseMismatchError`). Nothing in the file comes
@@ -23,7 +23,6 @@ from the private data except the trained (DP) parameters themselves: no data pat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -35,10 +34,13 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .backbone import BackboneSpec
-from .methods import LinearProbe, NLFTViT, linear_probe, nlft, taft
+from .backbone import BackboneSpec, json_copy
+from .config import MethodOptions
+from .fingerprint import fingerprint
+from .methods import LinearProbe, NLFTViT
 from .privacy.checkpoint import fsync_dir, private_dir
 from .privacy.validate import check_choice, check_int
+from .recipes import build_model
 from .tangent import TangentViT
 
 __all__ = ["MODEL_FILE", "FORMAT", "METHODS", "ModelSpec", "BaseMismatchError", "fingerprint", "save_model",
@@ -49,8 +51,6 @@ FORMAT = "dp_taft.model/1"
 #: Method name -> the module type it trains ("taft-head" is TAFT around a privately trained head).
 METHODS: dict[str, type[nn.Module]] = {"taft": TangentViT, "taft-head": TangentViT, "nlft": NLFTViT,
                                        "probe": LinearProbe}
-#: Method name -> builder(timm ViT, k) of the module it trains.
-_BUILDERS = {"taft": taft, "taft-head": taft, "nlft": nlft, "probe": lambda vit, k: linear_probe(vit)}
 _PREFIXES = ("delta", "trained", "base")
 
 
@@ -67,7 +67,7 @@ class ModelSpec:
     ``blocks``: k of TAFT-k / NLFT-k (0 for a probe); ``classes``: one name per output, in
     output order; ``data_config``: timm's data config of the model (input_size, mean, std,
     interpolation, crop_pct, crop_mode), JSON-able; ``fingerprint``: SHA-256 (hex) of w0 and the
-    structure (:func:`fingerprint`), filled in by :func:`save_model`; ``version``: the
+    structure (:func:`dp_taft.fingerprint.fingerprint`), filled in by :func:`save_model`; ``version``: the
     dp_taft version that wrote the file (filled in by :func:`save_model`); ``composition``:
     free text for models built from several trained ones (e.g. "parallel over 4 shards"), or None.
     """
@@ -92,7 +92,7 @@ class ModelSpec:
                              "give one name per output of the classifier")
         object.__setattr__(self, "classes", classes)
         # One JSON round trip now, so a spec equals its reloaded self (tuples become lists).
-        object.__setattr__(self, "data_config", _json_object(self.data_config, "data_config"))
+        object.__setattr__(self, "data_config", json_copy(self.data_config, "data_config"))
         for name in ("fingerprint", "version"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -115,32 +115,6 @@ class ModelSpec:
         if missing or unknown:
             raise ValueError(f"model spec fields: missing {missing}, unknown {unknown} (expected {fields})")
         return cls(**{**data, "backbone": BackboneSpec.from_dict(data["backbone"])})
-
-
-def fingerprint(model: nn.Module) -> str:
-    """SHA-256 (64 hex digits) of a trained method module's structure and frozen tensors.
-
-    Hashes the module type, k, the pooling, the name, dtype and shape of every parameter and
-    buffer, and the bytes of every frozen one (parameters with ``requires_grad=False`` and all
-    buffers): w0 as the trained function uses it, for TAFT including the head w0. Trainable
-    values are left out, so the fingerprint is that of the base the training moved from: two
-    models compose, and a model file loads, only onto an equal fingerprint. Device-independent.
-    """
-    pool = getattr(model, "global_pool", getattr(getattr(model, "net", None), "global_pool", None))
-    digest = hashlib.sha256(f"{type(model).__qualname__};blocks={getattr(model, 'num_blocks', None)};"
-                            f"pool={pool}".encode())
-    frozen = [(name, p, not p.requires_grad) for name, p in model.named_parameters()]
-    frozen += [(f"buffer:{name}", b, True) for name, b in model.named_buffers()]
-    for name, tensor, is_frozen in frozen:
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:{'frozen' if is_frozen else 'trained'};".encode())
-        if is_frozen:
-            digest.update(_raw_bytes(tensor))
-    return digest.hexdigest()
-
-
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's elements as stored (any dtype, bfloat16 too), in row-major order."""
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def save_model(path_dir: str | Path, model: nn.Module, spec: ModelSpec) -> ModelSpec:
@@ -206,7 +180,7 @@ def load_model(path_dir: str | Path, *, weights: str | Path | None = None) -> tu
 
     Rebuilds the backbone from the spec (``weights`` replaces the stored weights file path,
     e.g. when the file moved), writes the stored w0 parts into it, builds the method, checks
-    its :func:`fingerprint` and loads the trained tensors.
+    its :func:`~dp_taft.fingerprint.fingerprint` and loads the trained tensors.
 
     Raises:
         BaseMismatchError: the rebuilt w0 is not the one the model was trained around.
@@ -217,7 +191,9 @@ def load_model(path_dir: str | Path, *, weights: str | Path | None = None) -> tu
     spec, groups = _read(path)
     backbone = spec.backbone.create(weights)
     _write_base(backbone, groups["base"], path)
-    model = _BUILDERS[spec.method](backbone, spec.blocks)
+    # 'taft-head' trains a TangentViT around its private head, built like TAFT's; the head w0 is in the file
+    model = build_model(backbone, MethodOptions(name="taft" if spec.method == "taft-head" else spec.method,
+                                                blocks=spec.blocks))
     found = fingerprint(model)
     if found != spec.fingerprint:
         used = weights if weights is not None else spec.backbone.weights
@@ -293,12 +269,3 @@ def _copy_exact(params: Mapping[str, nn.Parameter], stored: Mapping[str, torch.T
             raise ValueError(f"{path}: {prefix}.{name} is {tuple(stored[name].shape)} {stored[name].dtype}, "
                              f"the model's is {tuple(p.shape)} {p.dtype}")
         p.copy_(stored[name])
-
-
-def _json_object(value: object, name: str) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a mapping (e.g. timm's resolve_data_config output), got {value!r}")
-    try:
-        return json.loads(json.dumps(dict(value)))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be JSON-able (numbers, strings, lists): {e}") from None

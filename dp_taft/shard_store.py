@@ -4,7 +4,7 @@
 
     assignment.json           the partition (ids, shards, secret key) and key_drawn; written ahead of training
     removed.json              the ids removed so far
-    shards.json               the record of the trained set (format ``dp_taft.shard_set/1``): base
+    shards.json               the record of the trained set (format ``dp_taft.shard_set/2``): base
                               fingerprint, seed, fit options, each shard's rounds, every released
                               round's privacy report, training times, removed ids
     shard_XXX/round_RRR/      round RRR of shard XXX: fit's checkpoint and ledger, and delta.pt, its Δw
@@ -36,7 +36,7 @@ import accounting
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, private_dir, write_private_text
+from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, discard_saved, private_dir, write_private_text
 from .privacy.randomness import secret_seed
 from .privacy.validate import check_int
 from .shard_report import HASH_BITS
@@ -47,7 +47,8 @@ __all__ = ["ShardAssignment", "ShardRecord", "content_ids", "unique_ids", "round
            "REMOVED_FILE", "STATE_FILE", "DELTA_FILE"]
 
 ASSIGNMENT_FILE, REMOVED_FILE, STATE_FILE, DELTA_FILE = "assignment.json", "removed.json", "shards.json", "delta.pt"
-STATE_FORMAT = "dp_taft.shard_set/1"
+#: /2: the base fingerprint is :func:`dp_taft.fingerprint.fingerprint` (that of model files); /1 hashed w0 otherwise.
+STATE_FORMAT = "dp_taft.shard_set/2"
 #: fit options that define each shard's mechanism: a shard retrained with other values would not
 #: be the mechanism its report and the set's guarantee describe, so a reloaded set refuses them.
 PRIVACY_OPTIONS = ("epsilon", "delta", "batch_size", "epochs", "max_grad_norm", "accountant", "clipping",
@@ -140,11 +141,11 @@ def unique_ids(ids: Sequence[int]) -> tuple[int, ...]:
 class ShardRecord:
     """What ``shards.json`` holds beyond the assignment: see the module docstring.
 
-    ``fingerprint``: :meth:`TangentViT.fingerprint` of the base (w0, structure); ``seed``: the
-    shard set's seed or None (secret randomness); ``options``: the JSON-able fit options of the
-    last training; ``rounds[s]``, ``released[s]`` (one report per round of a private set, none
-    otherwise), ``train_times[s]`` (seconds of its last round): per shard; ``removed``: the ids
-    the models no longer hold.
+    ``fingerprint``: :meth:`TangentViT.fingerprint` of the base (w0, structure; as in a model
+    file); ``seed``: the shard set's seed or None (secret randomness); ``options``: the JSON-able
+    fit options of the last training; ``rounds[s]``, ``released[s]`` (one report per round of a
+    private set, none otherwise), ``train_times[s]`` (seconds of its last round): per shard;
+    ``removed``: the ids the models no longer hold.
     """
 
     fingerprint: str
@@ -201,13 +202,14 @@ def save_shards(out_dir: Path, assignment: ShardAssignment, key_drawn: bool, rec
 
 
 def discard_replaced(out_dir: Path, shards: Sequence[int], rounds: Sequence[int]) -> None:
-    """Delete the models (Δw and checkpoint) of every earlier round of the retrained ``shards``:
-    they were trained on the examples just removed, which must leave the disk with them. The
-    rounds' ledgers stay (σ, q and steps only): the reports of the released rounds need them."""
+    """Delete the models (Δw and checkpoint, and temporary copies a crash left) of every earlier
+    round of the retrained ``shards``: they were trained on the examples just removed, which must
+    leave the disk with them. The rounds' ledgers stay (σ, q and steps only): the reports of the
+    released rounds need them."""
     for s in shards:
         for r in range(1, rounds[s]):
             for name in (DELTA_FILE, CHECKPOINT_FILE):
-                (round_dir(out_dir, s, r) / name).unlink(missing_ok=True)
+                discard_saved(round_dir(out_dir, s, r), name)
 
 
 def read_shards(out_dir: Path) -> tuple[ShardAssignment, bool, ShardRecord, list[dict[str, torch.Tensor]]]:

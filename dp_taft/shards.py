@@ -15,8 +15,9 @@ trained model — untouched. The composed model is then (max ε_s, max δ_s)-DP 
 add/remove-one adjacency by parallel composition (McSherry 2009, Thm 4), where
 (ε_s, δ_s) is shard s's guarantee. A retrained shard draws fresh noise, so releasing the
 models from before and after a removal composes sequentially for the examples that stayed
-in it: their guarantee is that of all the shard's rounds together
-(:attr:`ShardSet.report`'s ``all_releases_epsilon``). Reusing a round's noise instead would
+in it: their guarantee is that of all the shard's rounds together, and it is the one
+:attr:`ShardSet.report` states (its ``epsilon``, also named ``all_releases_epsilon``; the
+current models' alone is ``current_models_epsilon``). Reusing a round's noise instead would
 make it cancel in the difference of the two models and expose those examples.
 
 The partition key is secret by default (128 bits from the OS CSPRNG). The shard sizes are
@@ -240,7 +241,6 @@ def _train_shard(base: TangentViT, data: Dataset, fit_kwargs: dict[str, Any], se
     seconds = time.perf_counter() - start
     deltas = {k: v.detach().cpu() for k, v in model.delta_state_dict().items()}  # gathered across ranks
     return deltas, None if result.report is None else result.report.to_json(), seconds
-
 
 
 def _zero_base(model: TangentViT, caller: str) -> TangentViT:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .config import ACCOUNTANTS, FIT_OPTIONS, OPTIMIZERS, OPTIONS, TrainConfig, describe_unknown
 from .postprocessing import StepPostProcessing
 from .privacy.checkpoint import CHECKPOINT_FILE, atomic_save, load_checkpoint, private_dir
-from .privacy.data import FromPrefix, Indexed, cache_prefix, collate_examples, resolve_train_set
+from .privacy.data import FromPrefix, Indexed, cache_prefix, collate_examples
 from .privacy.distributed import current as distributed_comm
 from .privacy.distributed import Comm, local_device
 from .privacy.engine import GradSampleHook, PrivateEngine
@@ -42,7 +42,6 @@ from .privacy.prefix_cache import CacheSpec
 from .privacy.validate import check_arguments, check_data, require_trainable, resolve_grad_sample_mode
 
 __all__ = ["fit", "evaluate", "FitResult", "EpochRecord", "OPTIMIZERS", "ACCOUNTANTS"]
-
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,6 @@ def main() -> None:
     dp_taft_main(argv)
     cli_s = time.perf_counter() - started
 
-    args = parser().parse_args([*argv[:-1], str(root / "api")])
-    config = training_config(args, root / "api")
     started = time.perf_counter()
     spec = BackboneSpec(MODEL, len(CLASSES), weights=str(ws.weights), model_kwargs=MODEL_KWARGS)
     backbone = spec.create()
@@ -60,6 +58,8 @@ def main() -> None:
     train = _decoded(ws.train, transform)
     evals = _decoded(ws.eval, transform, classes=sorted(CLASSES.values()))
     decode_s = time.perf_counter() - started
+    # the very configuration the command line trained with (preset, --set, δ = 1/(10 N), cache)
+    config = training_config(parser().parse_args([*argv[:-1], str(root / "api")]), root / "api", len(train))
     started = time.perf_counter()
     finetune(backbone, train, config, eval_set=evals)
     fit_s = time.perf_counter() - started

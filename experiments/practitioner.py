@@ -22,7 +22,8 @@ from experiments.pretrain import SHIPPED_CHECKPOINT
 CLASSES = {5: "sandal", 6: "shirt", 7: "sneaker", 8: "bag", 9: "ankle_boot"}
 #: timm's name and arguments for the shipped backbone; its own normalisation and no crop margin.
 MODEL_KWARGS = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 128, "depth": 6, "num_heads": 4,
-                "pretrained_cfg_overlay": {"mean": [PUBLIC_MEAN], "std": [PUBLIC_STD], "crop_pct": 1.0}}
+                "pretrained_cfg_overlay": {"input_size": [1, 28, 28], "mean": [PUBLIC_MEAN], "std": [PUBLIC_STD],
+                                           "crop_pct": 1.0}}
 MODEL = "vit_small_patch16_224"
 
 

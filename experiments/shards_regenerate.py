@@ -118,7 +118,8 @@ def _regenerate_row(directory: Path, row: dict[str, str], on: str) -> dict[str, 
     # No guarantee: without fresh secret noise, or with a public partition whose sizes are published.
     void = SEEDED_NOTE if seeded else PUBLIC_KEY_NOTE if len(original) > 1 else None
     if void is not None:
-        published.update(statement=void, epsilon=None, all_releases_epsilon=None, all_releases_per_shard=None)
+        published.update(statement=void, epsilon=None, current_models_epsilon=None, all_releases_epsilon=None,
+                         all_releases_per_shard=None)
         columns.update(epsilon=math.inf, per_shard_epsilon=";".join(["inf"] * len(original)))
     path.write_text(json.dumps(published, indent=1))
     return {**new, **columns}

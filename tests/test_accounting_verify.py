@@ -182,6 +182,37 @@ def test_nested_parallel_report_and_extra_fields(tmp_path, parallel, capsys):
     assert {c["field"] for c in result["checks"]} >= {"members[0].members[1].epsilons.rdp", "members[0].delta"}
 
 
+def test_shard_set_report_after_a_removal_states_every_release(tmp_path, capsys):
+    """After a removal retrained shard 0 (fresh noise, one example fewer), a shard set's JSON
+    states the guarantee of releasing the models from before and after it: its top-level epsilon
+    is all_releases_epsilon, above the current models'. verify recomputes its members (the
+    replaced round included) and passes; read back and composed with a later model, it still
+    pays for the replaced round."""
+    from dp_taft.compose import compose_reports
+    from dp_taft.shard_report import ShardPrivacyReport
+
+    first = PrivacyReport.from_history(HISTORY, 1e-5, dataset_size=10000, target_epsilon=5.0)
+    retrained = PrivacyReport.from_history(HISTORY, 1e-5, dataset_size=9999, target_epsilon=5.0)
+    untouched = PrivacyReport.from_history((Segment(1.5, 0.04, 300),), 1e-5, dataset_size=8000)
+    shards = ShardPrivacyReport.of([[first, retrained], [untouched]], key_drawn=True)
+    d = json.loads(shards.to_json())
+    current = max(retrained.epsilon, untouched.epsilon)
+    assert d["epsilon"] == d["all_releases_epsilon"] == shards.epsilon > d["current_models_epsilon"] == current
+    assert d["epsilon"] == max(m["epsilon"] for m in d["members"]) and d["delta"] == 1e-5
+    first_sentence = d["statement"].split("). ")[0]
+    assert f"({shards.epsilon:.4g}, 1e-05)-DP" in first_sentence and f"{current:.4g}" not in first_sentence
+    assert f"({current:.4g}, 1e-05)-DP (current_models_epsilon)" in d["statement"]
+    assert verify(write(tmp_path, d), "--method", "all") == 0
+    out = capsys.readouterr().out
+    assert "OK: every stated epsilon holds" in out and "not checked" in out
+    read_back = report_from_dict(d)
+    assert isinstance(read_back, ParallelReport) and read_back == shards.as_parallel()
+    later = PrivacyReport.from_history((Segment(1.5, 0.01, 100),), 1e-5)
+    composed = compose_reports([read_back, later])
+    assert composed.epsilon >= shards.all_releases_epsilon
+    assert composed.epsilon > compose_reports([ParallelReport(shards.per_shard), later]).epsilon  # the replaced round
+
+
 @pytest.mark.parametrize("change,message", [
     ({"members": []}, "members must be a non-empty list"),
     ({"members": [{"epsilon": 1.0}]}, "members[0]: the report lacks the required field"),

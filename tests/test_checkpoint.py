@@ -17,7 +17,8 @@ import torch
 
 import dp_taft
 from dp_taft.methods import linear_probe
-from dp_taft.privacy.checkpoint import CHECKPOINT_FILE, LEDGER_FILE, Ledger, atomic_save, load_checkpoint
+from dp_taft.privacy.checkpoint import (CHECKPOINT_FILE, LEDGER_FILE, Ledger, atomic_save, discard_keys, load_checkpoint,
+                                        private_dir)
 from fit_cases import easy_dataset, interrupt_after, permission_modes, tiny_vit, trainable_state, umask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +174,29 @@ def test_atomic_save_replaces_without_leftovers(tmp_path):
     assert torch.equal(load_checkpoint(path)["a"], torch.zeros(2))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
     assert load_checkpoint(tmp_path / "missing.pt") is None
+
+
+def test_discard_keys_deletes_the_temporary_file_of_an_interrupted_checkpoint_write(tmp_path, monkeypatch):
+    """A crash inside atomic_save, after the checkpoint was written beside its place and before
+    the rename, leaves ``.checkpoint.pt.PID.tmp``: it holds the secret seed as the checkpoint
+    does, so discard_keys deletes it too, and only checkpoints and their temporaries."""
+    stage = private_dir(tmp_path / "run" / "taft")
+    atomic_save({"seed": 1234}, stage / CHECKPOINT_FILE)
+    (stage / LEDGER_FILE).write_text("{}\n")
+    atomic_save({"delta": torch.ones(2)}, stage / "delta.pt")
+    def killed(src: Path, dst: Path) -> None:
+        raise OSError("killed before the rename")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        for name in (CHECKPOINT_FILE, "delta.pt"):
+            with pytest.raises(OSError, match="killed before the rename"):
+                atomic_save({"seed": 1234}, stage / name)
+    leftover = stage / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
+    assert torch.load(leftover, weights_only=True) == {"seed": 1234}  # the secret, in a file of its own
+    (stage / f".{CHECKPOINT_FILE}.99999.tmp").write_bytes(b"another process's")
+    discard_keys(tmp_path / "run")
+    assert sorted(p.name for p in stage.iterdir()) == [f".delta.pt.{os.getpid()}.tmp", "delta.pt", LEDGER_FILE]
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o000, 0o277], ids=oct)

@@ -153,7 +153,7 @@ def test_shards_from_a_csv_then_forget(shard_dir: Path, ws: Workspace) -> None:
 
 
 def _logits(directory: Path, ws: Workspace) -> torch.Tensor:
-    trained = dp_taft_api.load(directory)
+    trained = dp_taft_api.load(directory, weights=ws.weights)  # the model file keeps only the name
     images = [trained.transform()(read_image(p)) for p in sorted(ws.eval.rglob("*.png"))[:16]]
     with torch.no_grad():
         return trained.model(torch.stack(images))
@@ -170,6 +170,8 @@ def test_compose_is_the_ensemble_and_composes_the_guarantees(taft_dir: Path, sha
     assert verify(sequential / "privacy_report.json").returncode == 0
     assert verify(parallel / "privacy_report.json").returncode == 0
     assert "sequential" in (sequential / "model_card.md").read_text()
+    assert "disjoint at the level of examples" not in (sequential / "model_card.md").read_text()
+    assert "accuracy" in dp_taft("evaluate", sequential, "--data", ws.eval).stdout  # finds the weights itself
     assert "parallel" in (parallel / "model_card.md").read_text()
     # averaging the saved Δw is exactly the output ensemble of the saved models
     ensemble = (_logits(taft_dir, ws) + _logits(shard_dir, ws)) / 2
@@ -181,6 +183,10 @@ def test_compose_refuses_what_does_not_compose(taft_dir: Path, ws: Workspace) ->
     dp_taft("train", "--data", ws.train, *ws.model_args(), "--method", "probe", "--epsilon", 8, *FAST, "--out", probe)
     done = dp_taft("compose", taft_dir, probe, "--out", ws.root / "nope", check=False)
     assert done.returncode == 2 and "only tangent models" in done.stderr and "Traceback" not in done.stderr
+    twice = dp_taft("compose", taft_dir, taft_dir, "--disjoint", "--out", ws.root / "nope", check=False)
+    assert twice.returncode == 2 and "different model directories" in twice.stderr
+    onto = dp_taft("compose", taft_dir, probe, "--out", probe, check=False)
+    assert onto.returncode == 2 and "already holds a model" in onto.stderr
 
 
 def test_an_interrupted_train_resumes_with_its_ledger_intact(ws: Workspace) -> None:
@@ -216,6 +222,9 @@ ERRORS = {
     "unsupported model": "VisionTransformer",
     "delta too large": "delta",
     "too many blocks": "[0, 6]",
+    "a seed": "secretly",
+    "no such device": "not a torch device",
+    "typo in --set": "did you mean 'epochs'",
 }
 
 
@@ -247,6 +256,12 @@ def _bad_input(case: str, ws: Workspace, tmp: Path) -> list[str]:
         extra = ["--delta", "0.01"]
     elif case == "too many blocks":
         extra = ["--blocks", "7"]
+    elif case == "a seed":
+        extra = ["--set", "seed=1"]
+    elif case == "no such device":
+        extra = ["--device", "bogus"]
+    elif case == "typo in --set":
+        extra = ["--set", "optim.epochz=3"]
     return ["train", "--data", str(data), "--eval-data", str(evals), *model, "--epsilon", "8", *extra, *FAST,
             "--out", str(tmp / "out")]
 
@@ -258,6 +273,12 @@ def test_bad_input_gets_one_clear_message(case: str, ws: Workspace, tmp_path: Pa
     err = capsys.readouterr().err
     assert err.startswith("dp-taft train: error:") and ERRORS[case] in err and "Traceback" not in err
     assert not (tmp_path / "out" / "delta.safetensors").exists()
+
+
+def test_a_refused_command_leaves_its_dir_usable(ws: Workspace, tmp_path: Path) -> None:
+    argv = ["train", "--data", str(ws.train), *ws.model_args(), "--epsilon", "8", *FAST, "--out", str(tmp_path / "m")]
+    assert cli_main([*argv, "--blocks", "7"]) == 2  # refused before any step: nothing spent
+    assert cli_main(argv) == 0 and (tmp_path / "m" / "delta.safetensors").is_file()
 
 
 def test_the_console_script_is_installed() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import accounting
@@ -69,13 +71,28 @@ def test_parallel_member_under_sequential_composition_is_exact(reports):
     assert composed.epsilon == pytest.approx(max(each), rel=1e-9)
     assert [m.stages for m in composed.members] == [("model 1", "model 2")] * 2
     assert "model 2 is itself a parallel composition over 2 disjoint parts" in composed.statement()
+    # model 1's examples are in every member: the statement must not claim the members' data are disjoint
+    assert composed.basis == "per-example" and "disjoint at the level of examples" not in composed.statement()
+    assert ParallelReport.from_json(composed.to_json()).basis == "per-example"
 
 
-def test_shard_report_composes_as_its_current_models(reports):
-    shards = ShardPrivacyReport.of([[reports[2]], [reports[1]]], key_drawn=True)
+def test_shard_report_composes_as_every_model_it_released(reports):
+    """A shard set's report composes as its parallel view, whose member for a retrained shard is
+    its rounds composed sequentially: the model its retraining replaced is paid for, also when
+    the report is read back from its JSON (``accounting.report_from_dict``: a plain ParallelReport)."""
+    shards = ShardPrivacyReport.of([[reports[1], reports[1]], [reports[2]]], key_drawn=True)
     composed = compose_reports([shards, reports[0]])
-    direct = compose_reports([shards.as_parallel(), reports[0]])
-    assert composed == direct and composed.epsilon > reports[0].epsilon
+    assert composed == compose_reports([shards.as_parallel(), reports[0]])
+    assert composed == compose_reports([accounting.report_from_dict(json.loads(shards.to_json())), reports[0]])
+    # independently: shard 0's two rounds then model 2; shard 1's one round then model 2
+    each = [accounting.epsilon_of_history([*B, *B, *A], 1e-5), accounting.epsilon_of_history([*C, *A], 1e-5)]
+    assert composed.epsilon == pytest.approx(max(each), rel=1e-9)
+    assert [m.stages for m in composed.members] == [("model 1: round 1", "model 1: round 2", "model 2: head",
+                                                     "model 2: taft"), ("model 1", "model 2: head", "model 2: taft")]
+    assert shards.epsilon == shards.all_releases_epsilon > shards.current_models_epsilon
+    unretrained = ShardPrivacyReport.of([[reports[1]], [reports[2]]], key_drawn=True)
+    assert unretrained.as_parallel() == ParallelReport((reports[1], reports[2]), notes=unretrained.as_parallel().notes)
+    assert compose_reports([unretrained, reports[0]]).epsilon < composed.epsilon
 
 
 @pytest.mark.parametrize("bad,match", [([], "at least one report"), ([None], r"reports\[0\] is a NoneType")])

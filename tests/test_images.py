@@ -13,7 +13,7 @@ from PIL import Image
 
 import dp_taft
 from dp_taft.backbone import data_config, eval_transform
-from dp_taft.images import ImageDataError, example_id, load_images
+from dp_taft.images import IMAGE_SUFFIXES, ImageDataError, example_id, load_images
 from dp_taft.privacy.data import collate_examples
 from dp_taft.train import evaluate
 
@@ -139,6 +139,17 @@ def test_folder_layout_errors(folder, tmp_path):
     for source in (tmp_path / "nowhere", flat / "a.png"):
         with pytest.raises(ImageDataError, match="neither a folder"):
             load_images(source)
+
+
+def test_save_only_formats_are_not_images(folder):
+    """Pillow writes .pdf (and .palm) but cannot open them: such a file is a non-image, not a
+    class image that would fail at the first read."""
+    Image.init()
+    assert Image.registered_extensions()[".pdf"] not in Image.OPEN  # save-only in this Pillow
+    assert {".pdf", ".palm"}.isdisjoint(IMAGE_SUFFIXES) and {".png", ".jpg", ".jpeg"} <= IMAGE_SUFFIXES
+    Image.open(folder / "dog" / "003.png").save(folder / "dog" / "scan.pdf")
+    with pytest.raises(ImageDataError, match=r"non-image file\(s\) in class folder .*scan\.pdf"):
+        load_images(folder)
 
 
 def test_csv_errors_name_columns_rows_and_files(tmp_path):

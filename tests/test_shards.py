@@ -87,7 +87,10 @@ def test_forget_retrains_with_fresh_noise_exactly_as_from_scratch(tmp_path, relo
         assert shard_set.rounds[s] == 2 and len(shard_set.released[s]) == 2
     assert (tmp_path / "a" / "assignment.json").exists() and (tmp_path / "a" / "removed.json").exists()
     report = shard_set.report
-    assert report.all_releases_epsilon > report.epsilon  # both rounds released: sequential composition
+    # both rounds released: sequential composition, and that is the ε stated
+    assert report.epsilon == report.all_releases_epsilon > report.current_models_epsilon
+    assert report.current_models_epsilon == max(r.epsilon for r in report.per_shard)
+    assert report.as_parallel().epsilon == report.epsilon and report.to_dict()["epsilon"] == report.epsilon
     assert "before and after" in report.statement() and "sequential composition" in report.statement()
 
 
@@ -161,7 +164,7 @@ def test_private_shards_report_parallel_composition():
     assert len(report.per_shard) == 2
     assert report.epsilon == max(r.epsilon for r in report.per_shard) <= 2.0
     assert report.delta == max(r.delta for r in report.per_shard)
-    assert report.all_releases_epsilon == pytest.approx(report.epsilon)  # nothing retrained yet
+    assert report.all_releases_epsilon == report.current_models_epsilon == report.epsilon  # nothing retrained yet
     statement = report.statement()
     assert "parallel composition" in statement and "delta composes as the max" in statement
     assert all(r.dataset_size < len(data) for r in report.per_shard)

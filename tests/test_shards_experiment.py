@@ -69,7 +69,7 @@ def test_smoke_outputs_and_privacy(smoke_out):
             # the row's ε covers both releases, the composed models before and after the removal
             rounds = released_rounds(saved)
             assert eps == pytest.approx(saved["all_releases_epsilon"], rel=1e-3)
-            assert eps > saved["epsilon"] and all(shard[0].epsilon <= target for shard in rounds)
+            assert eps > saved["current_models_epsilon"] and all(shard[0].epsilon <= target for shard in rounds)
             assert "before and after" in saved["statement"] and saved["partition_key"] == "given"
             # the published sizes: each shard's first round, as in the CSV
             assert [shard[0].dataset_size for shard in rounds] == [int(n) for n in r["shard_sizes"].split(";")]
@@ -95,7 +95,10 @@ def released_rounds(saved: dict) -> list[list[accounting.PrivacyReport]]:
         every = [accounting.epsilon_of_history([seg for report in shard for seg in report.history], saved["delta"])
                  if len(shard) > 1 else shard[0].epsilon for shard in rounds]
         assert saved["all_releases_per_shard"] == pytest.approx(every, rel=1e-9)
-        assert saved["all_releases_epsilon"] == max(every) > saved["epsilon"] == max(s[-1].epsilon for s in rounds)
+        # the reports in docs/shards* predate current_models_epsilon: their epsilon is the current models'
+        current = saved["current_models_epsilon"] if "members" in saved else saved["epsilon"]
+        assert saved["all_releases_epsilon"] == max(every) > current == max(s[-1].epsilon for s in rounds)
+        assert "members" not in saved or saved["epsilon"] == saved["all_releases_epsilon"]  # stated up front
     return rounds
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
 
 import dp_taft
+from dp_taft.fingerprint import fingerprint
 from dp_taft.tangent import UnsupportedModelError
 from vit_cases import images, make_vit, randomize_deltas
 
@@ -75,6 +78,8 @@ def test_fingerprint_tracks_w0_and_structure():
     assert a.fingerprint() == dp_taft.linearize(model, blocks=2).fingerprint()  # Δw does not count
     assert a.fingerprint() != dp_taft.linearize(model, blocks=1).fingerprint()
     assert a.fingerprint() != dp_taft.linearize(make_vit(seed=5), blocks=2).fingerprint()
+    assert a.fingerprint() == fingerprint(a)  # one fingerprint: the one model files and shard sets record
+    assert a.fingerprint() != copy.deepcopy(a).float().fingerprint()  # the dtype w0 is used in counts (float64 here)
 
 
 @pytest.mark.parametrize(

@@ -15,18 +15,19 @@ message that says what to change and exit status 2 (``--debug`` shows the traceb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from ..privacy.distributed import RankFailure
-from ..tangent import UnsupportedModelError
 from . import compose, evaluate, forget, predict, train
 
 __all__ = ["main", "parser"]
 
 #: Errors that are the user's to fix: reported as one message, not a traceback. A
-#: RankFailure (a lost peer in a distributed run) says to relaunch, which resumes.
-USER_ERRORS = (ValueError, OSError, UnsupportedModelError, RankFailure)
+#: RankFailure (a lost peer in a distributed run) says to relaunch, which resumes; a TypeError
+#: is what timm raises for a --model-kwargs value of the wrong type.
+USER_ERRORS = (ValueError, OSError, TypeError, RankFailure)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # the reader went away (e.g. `dp-taft predict ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except USER_ERRORS as e:
         if args.debug:
             raise

@@ -8,8 +8,11 @@ from typing import Any
 
 from .. import model_dir
 from ..compose import compose, compose_reports
+from ..model_file import MODEL_FILE
 from ..privacy.checkpoint import private_dir
 from ..tangent import TangentViT
+from .options import add_weights, remember_weights, saved_weights
+from .record import RECORD_FILE, TrainRecord
 
 __all__ = ["add_parser", "run"]
 
@@ -25,15 +28,28 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--disjoint", action="store_true",
                    help="declare that the models were trained on disjoint data (no example, and no person, in two "
                         "of them): the guarantee is then the largest member's (parallel composition)")
-    p.add_argument("--weights", type=Path, metavar="FILE",
-                   help="the pretrained weights the models were trained from, if not at the path they record")
+    add_weights(p)
     p.set_defaults(run=run)
 
 
+def _check_inputs(dirs: list[Path], out: Path, disjoint: bool) -> None:
+    """Refuse a model listed twice, an ``out`` that would overwrite a model, and a ``--disjoint``
+    claim that the members' own training records contradict (the same training data)."""
+    resolved = [d.resolve() for d in dirs]
+    if len(dirs) < 2 or len(set(resolved)) < len(dirs):
+        raise ValueError("compose needs two or more different model directories")
+    if out.resolve() in resolved or (out / MODEL_FILE).exists() or (out / RECORD_FILE).exists():
+        raise ValueError(f"--out {out} already holds a model: choose a new directory for the composed model")
+    if disjoint:
+        data = [r.data for r in map(TrainRecord.load, dirs) if r is not None]
+        if len(set(data)) < len(data):
+            raise ValueError("--disjoint declares disjoint training data, but two of these models were trained on the "
+                             "same data (their training records say so): compose them without --disjoint")
+
+
 def run(args: argparse.Namespace) -> int:
-    if len(args.dirs) < 2:
-        raise ValueError("compose needs two or more model directories")
-    members = [model_dir.load(d, weights=args.weights) for d in args.dirs]
+    _check_inputs(args.dirs, args.out, args.disjoint)
+    members = [model_dir.load(d, weights=saved_weights(d, args.weights)) for d in args.dirs]
     first = members[0].spec
     for d, m in zip(args.dirs, members):
         if not isinstance(m.model, TangentViT):
@@ -49,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
     private = all(r is not None for r in reports)
     report = compose_reports(reports, disjoint=args.disjoint) if private else None
     kind = "parallel (declared disjoint data)" if args.disjoint else "sequential (the data may overlap)"
-    notes = [f"Composed from {len(members)} models: {', '.join(d.name for d in args.dirs)}; {kind} composition."]
+    notes = [f"Composed from {len(members)} models; {kind} composition of their guarantees."]
     if not private:
         notes.append("At least one member was trained without privacy, so the composed model has no guarantee.")
     out = private_dir(args.out)
+    remember_weights(out, saved_weights(args.dirs[0], args.weights))
     model_dir.resave(out, compose([m.model for m in members]), first, report=report, notes=notes,
                      composition=f"{kind} composition of {len(members)} models")
     print(f"composed {len(members)} models: "

@@ -11,6 +11,7 @@ from .. import model_dir
 from ..images import load_images
 from ..inference import evaluate_model
 from ..plots import confusion_svg
+from .options import add_compute, add_weights, check_device, saved_weights
 
 __all__ = ["add_parser", "run"]
 
@@ -21,17 +22,16 @@ def add_parser(sub: Any) -> None:
                                    "labelled images (a folder of class sub-folders, or a CSV path,label).")
     p.add_argument("dir", type=Path, metavar="DIR", help="model directory written by dp-taft train/compose")
     p.add_argument("--data", required=True, type=Path, metavar="EVAL", help="labelled images; classes of the model")
-    p.add_argument("--weights", type=Path, metavar="FILE",
-                   help="the pretrained weights the model was trained from, if not at the path it records")
+    add_weights(p)
     p.add_argument("--report-dir", type=Path, metavar="OUT",
                    help="where evaluation.json and confusion_matrix.svg go (default: DIR)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (memory only)")
-    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu (default), cuda, ...")
+    add_compute(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    trained = model_dir.load(args.dir, weights=args.weights)
+    check_device(args.device)
+    trained = model_dir.load(args.dir, weights=saved_weights(args.dir, args.weights))
     data = load_images(args.data, trained.transform(), classes=trained.spec.classes)
     result = evaluate_model(trained.model, data, trained.spec.classes, batch_size=args.batch_size, device=args.device)
     out = args.report_dir or args.dir

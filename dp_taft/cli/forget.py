@@ -16,6 +16,7 @@ from ..privacy.checkpoint import discard_keys
 from ..shards import load_shards
 from .record import TrainRecord
 from .train import CACHE, SHARDS
+from .options import add_weights, saved_weights, shard_options
 
 __all__ = ["add_parser", "run"]
 
@@ -28,8 +29,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ids", required=True, type=Path, metavar="FILE",
                    help="one example per line: its CSV id, or its path relative to the training folder/CSV "
                         "(e.g. cat/001.png)")
-    p.add_argument("--weights", type=Path, metavar="FILE",
-                   help="the pretrained weights the model was trained from, if not at the path it records")
+    add_weights(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -47,13 +47,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.dir} was not trained with --shards (or is not a dp-taft train directory): removal "
                          "retrains shards, so train with `dp-taft train ... --shards N`")
     names = _names(args.ids)
-    trained = model_dir.load(args.dir, weights=args.weights)
-    config = TrainConfig.from_dict(record.config).replace(**{"run.quiet": args.quiet})
-    train = load_images(Path(record.data), trained.transform(), verify=False)
-    options = config.fit_options()
-    for name in ("checkpoint_dir", "distributed", "seed"):
-        options.pop(name, None)
-    shard_set = load_shards(args.dir / SHARDS, trained.model, train, ids=train.ids, **options)
+    trained = model_dir.load(args.dir, weights=saved_weights(args.dir, args.weights))
+    config = TrainConfig.from_dict(record.config).replace(quiet=args.quiet)
+    # the training classes, pinned: class folders added or emptied since must not re-index the labels
+    train = load_images(Path(record.data), trained.transform(), classes=record.classes, verify=False)
+    shard_set = load_shards(args.dir / SHARDS, trained.model, train, ids=train.ids, **shard_options(config))
     known = set(shard_set.assignment.ids)
     unknown = [n for n in names if example_id(n) not in known]
     if unknown:
@@ -70,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     remaining = len(shard_set.assignment.ids) - len(shard_set.removed)
     model_dir.resave(args.dir, shard_set.composed, trained.spec, report=shard_set.report, eval_accuracy=accuracy,
                      train_size=remaining,
-                     notes=[f"{len(result.removed_ids)} example(s) removed on {when} by retraining "
-                            f"{len(result.retrained_shards)} of {len(shard_set.models)} shards with fresh noise."])
+                     notes=[f"{len(shard_set.removed)} example(s) removed in all, {len(result.removed_ids)} of them on "
+                            f"{when}, each by retraining with fresh noise the shards that held it."])
     print(f"removed {len(result.removed_ids)} example(s): retrained {len(result.retrained_shards)} of "
           f"{len(shard_set.models)} shards in {result.wall_time_s:.1f} s; retraining every shard took "
           f"{result.full_retrain_time_s:.1f} s ({result.speedup:.1f}x)\nrewrote {args.dir}/")

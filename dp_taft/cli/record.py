@@ -19,19 +19,25 @@ from ..privacy.checkpoint import write_private_text
 __all__ = ["RECORD_FILE", "TrainRecord"]
 
 RECORD_FILE = "train_record.json"
+#: Options a resumed run may change: where and how it runs, never what it computes.
+_RESUMABLE = frozenset({"physical_batch_size", "num_workers", "cache_dir", "grad_sample_mode"})
 
 
 @dataclass(frozen=True)
 class TrainRecord:
     """``data``/``eval_data``: absolute paths; ``backbone``: ``BackboneSpec.to_dict()``;
-    ``config``: ``TrainConfig.to_dict()``; ``shards``: N of ``--shards`` or None;
-    ``finished``: the model directory was written and the run's secret key deleted."""
+    ``config``: ``TrainConfig.to_dict()``; ``shards``: N of ``--shards`` or None; ``classes``:
+    the training classes (label i is ``classes[i]``); ``weights``: the absolute path of the
+    pretrained weights file (the shareable model file keeps only its name); ``finished``: the
+    model directory was written (its secret keys are deleted next)."""
 
     data: str
     eval_data: str | None
     backbone: dict[str, Any]
     config: dict[str, Any]
     shards: int | None
+    classes: list[str]
+    weights: str | None = None
     finished: bool = False
 
     def save(self, out: Path) -> None:
@@ -46,12 +52,13 @@ class TrainRecord:
         return cls(**json.loads(path.read_text()))
 
     def changes_from(self, other: "TrainRecord") -> list[str]:
-        """What differs from ``other`` besides where and how visibly it runs (the ``run`` options,
-        which a resume may change), as ``"name: before -> now"`` lines."""
+        """What differs from ``other`` besides where and how it runs (the ``run`` group and
+        :data:`_RESUMABLE`, which a resume may change), as ``"name: before -> now"`` lines."""
         def fields(r: TrainRecord) -> dict[str, Any]:
-            config = {k: v for k, v in r.config.items() if k != "run"}
+            options = {f"{group}.{k}": v for group, values in r.config.items() for k, v in values.items()
+                       if group != "run" and k not in _RESUMABLE}
             return {"--data": r.data, "--eval-data": r.eval_data, "backbone": r.backbone, "--shards": r.shards,
-                    **{f"{group}.{k}": v for group, values in config.items() for k, v in values.items()}}
+                    "classes": r.classes, "--weights": r.weights, **options}
 
         mine, theirs = fields(self), fields(other)
         return [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(mine.keys() | theirs.keys())

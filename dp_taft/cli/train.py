@@ -12,7 +12,9 @@ The Python API does the same in a few lines (README, "Your own data")::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import shutil
 import tomllib
 from collections.abc import Sequence
@@ -21,19 +23,19 @@ from typing import Any
 
 from .. import model_dir
 from ..backbone import BackboneSpec, data_config, eval_transform
-from ..config import TrainConfig
+from ..config import METHODS, TrainConfig, option_name, parse_assignment
 from ..images import ImageDataset, load_images
 from ..inference import evaluate_model
 from ..model_file import ModelSpec
-from ..privacy.checkpoint import discard_keys, private_dir
+from ..privacy.checkpoint import LEDGER_FILE, discard_keys, private_dir
 from ..recipes import finetune
 from ..shards import fit_shards
 from ..tangent import linearize
-from .record import TrainRecord
+from .options import WEIGHTS_PATH_FILE, check_device, positive_int, remember_weights, shard_options
+from .record import RECORD_FILE, TrainRecord
 
 __all__ = ["add_parser", "run"]
 
-METHODS = ("taft", "taft-head", "nlft", "probe")
 #: Private sub-directories of DIR: fit's checkpoints (secret key, ledger), the prefix cache
 #: (features of the private images) and the shard set (partition key, ids, shard models).
 CHECKPOINTS, CACHE, SHARDS = "checkpoints", "cache", "shards"
@@ -53,11 +55,11 @@ def add_parser(sub: Any) -> None:
                    help="local pretrained weights (.safetensors, .pth, .pt, .bin) loaded as timm does; "
                         "default: timm's pretrained download (network)")
     p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
-                   help="extra timm.create_model arguments, e.g. '{\"img_size\": 224}'")
+                   help="extra timm.create_model arguments, e.g. '{\"img_size\": 224}', or @FILE holding them")
     p.add_argument("--method", choices=METHODS,
                    help="taft (default): tangent fine-tuning of the last k blocks; taft-head: the same around "
                         "a privately trained head; nlft: ordinary fine-tuning of the last k blocks; probe: head only")
-    p.add_argument("--blocks", type=int, metavar="K", help="k, the blocks fine-tuned (default 2)")
+    p.add_argument("--blocks", type=int, metavar="K", help="k, the blocks fine-tuned (default 2; 0 to depth)")
     p.add_argument("--epsilon", required=True, type=_epsilon, metavar="E",
                    help="target epsilon > 0; 'inf' trains without privacy")
     p.add_argument("--delta", type=float, metavar="D", help="target delta, below 1/N; default 1/(10 N)")
@@ -65,7 +67,7 @@ def add_parser(sub: Any) -> None:
                    help="training options: tables [method] [privacy] [optim] [data] [run] over the tuned preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="one training option, e.g. lr=0.5 or optim.epochs=5 (repeatable; applied last)")
-    p.add_argument("--shards", type=int, metavar="N",
+    p.add_argument("--shards", type=positive_int, metavar="N",
                    help="train N tangent models on disjoint shards and compose them (removal: dp-taft forget)")
     p.add_argument("--device", metavar="DEV", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="model directory (made owner-only)")
@@ -74,6 +76,12 @@ def add_parser(sub: Any) -> None:
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object, given inline or as ``@FILE``."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]!r}: {e.strerror}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -84,50 +92,74 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _epsilon(text: str) -> float | None:
-    if text.strip().lower() in ("inf", "none"):
+    """argparse type: ε > 0, finite, or 'inf' for no privacy (None)."""
+    if text.strip().lower() == "inf":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'inf' (no privacy), got {text!r}") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, or 'inf' to train without privacy; got {text!r}")
+    return value
 
 
-def training_config(args: argparse.Namespace, out: Path) -> TrainConfig:
-    """The tuned preset of the method, then ``--config``, then ``--set``, then the flags; the
-    checkpoints and the prefix cache go to DIR's private sub-directories."""
+#: Options the command sets itself, with what to use instead.
+_OWNED = {"epsilon": "--epsilon", "checkpoint_dir": "--out (DIR/checkpoints)", "cache_dir": "--out (DIR/cache)",
+          "seed": "nothing: dp-taft train always draws its randomness secretly (a written seed voids the "
+                  "guarantee; seeded runs are for experiments, through the Python API)",
+          "distributed": "torchrun with the Python API"}
+
+
+def training_config(args: argparse.Namespace, out: Path, n_train: int) -> TrainConfig:
+    """The tuned preset of the method, then ``--config``, then ``--set``, then the flags given;
+    δ defaults to 1/(10 N); the checkpoints and the prefix cache go to DIR's private folders."""
     table = _read_toml(args.config) if args.config else {}
-    method = args.method or table.get("method", {}).get("name", "taft")
-    config = TrainConfig.preset(method, private=args.epsilon is not None)
-    config = config.with_values({f"{group}.{k}": v for group, values in table.items() for k, v in values.items()})
-    config = config.with_sets(args.set)
-    flags = {"method.name": method, "privacy.epsilon": args.epsilon, "run.checkpoint_dir": str(out / CHECKPOINTS),
-             "data.cache_dir": str(out / CACHE), "run.quiet": args.quiet}
-    flags.update({name: value for name, value in (("privacy.delta", args.delta), ("method.blocks", args.blocks),
-                                                  ("run.device", args.device)) if value is not None})
-    return config.replace(**flags)
+    given = {option_name(k): v for k, v in [*table.items(), *map(parse_assignment, args.set)]}
+    owned = sorted(set(given) & set(_OWNED))
+    if owned:
+        raise ValueError("; ".join(f"{k} is set by the command, not by --config/--set: use {_OWNED[k]}" for k in owned))
+    method = args.method or given.get("name", "taft")
+    if method not in METHODS:
+        raise ValueError(f"method name {method!r} is not one of {list(METHODS)}")
+    config = TrainConfig.preset(method, private=args.epsilon is not None).with_values(table).with_sets(args.set)
+    flags = {"name": args.method, "blocks": args.blocks, "delta": args.delta, "device": args.device,
+             "quiet": args.quiet or None}
+    config = config.replace(epsilon=args.epsilon, checkpoint_dir=str(out / CHECKPOINTS), cache_dir=str(out / CACHE),
+                            **{k: v for k, v in flags.items() if v is not None})
+    if config.privacy.epsilon is not None and config.privacy.delta is None:
+        config = config.replace(delta=1.0 / (10 * n_train))  # written down, so a resume or forget reuses it
+    return config.validate()
 
 
-def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
-    with open(path, "rb") as f:
-        table = tomllib.load(f)
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The "group.name" options of a ``--config`` file (tables [method] [privacy] [optim] [data] [run])."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {path}: not TOML ({e})") from None
     loose = [k for k, v in table.items() if not isinstance(v, dict)]
     if loose:
-        raise ValueError(f"{path}: {loose} must sit in a table ([method], [privacy], [optim], [data] or [run])")
-    return table
+        raise ValueError(f"--config {path}: {loose} must sit in a table ([method], [privacy], [optim], [data], [run])")
+    return {f"{group}.{k}": v for group, values in table.items() for k, v in values.items()}
 
 
 def run(args: argparse.Namespace) -> int:
-    out = private_dir(args.out)
-    config = training_config(args, out)
-    train_classes = load_images(args.data).classes  # every training image is opened and checked here
-    weights = None if args.weights is None else str(args.weights.resolve())  # predict may run elsewhere
-    spec = BackboneSpec(args.model, len(train_classes), weights=weights, model_kwargs=args.model_kwargs)
+    check_device(args.device)
+    out = args.out.resolve()
+    listing = load_images(args.data)  # every training image is opened and checked here
+    config = training_config(args, out, len(listing))
+    spec = BackboneSpec(args.model, len(listing.classes), weights=None if args.weights is None else args.weights.name,
+                        model_kwargs=args.model_kwargs)
     record = TrainRecord(str(args.data.resolve()), None if args.eval_data is None else str(args.eval_data.resolve()),
-                         spec.to_dict(), config.to_dict(), args.shards)
-    if _already_done(record, out):
+                         spec.to_dict(), config.to_dict(), args.shards, list(listing.classes),
+                         None if args.weights is None else str(args.weights.resolve()))
+    if _already_done(record, private_dir(out)):
         return 0
     record.save(out)
-    backbone = spec.create()
+    remember_weights(out, record.weights)
+    backbone = spec.create(record.weights)
     transform = eval_transform(data_config(backbone))
     train = load_images(args.data, transform, verify=False)
     evals = None if args.eval_data is None else load_images(args.eval_data, transform, classes=train.classes)
@@ -140,10 +172,12 @@ def run(args: argparse.Namespace) -> int:
     model_dir.save(out, model, ModelSpec(spec, config.method.name, model.num_blocks, train.classes,
                                          data_config(backbone), composition=composition),
                    report=report, history=history, eval_accuracy=accuracy, train_size=len(train))
+    # Finished before the keys go: a crash from here on must not let a rerun train again on a
+    # ledger that is spent (it would replace this model with an untrained one).
+    dataclasses.replace(record, finished=True).save(out)
     for private in (CHECKPOINTS, SHARDS):  # the finished run's secret keys must not outlive it; ledgers stay
         discard_keys(out / private)
     shutil.rmtree(out / CACHE, ignore_errors=True)  # features of the private images
-    TrainRecord(**{**record.__dict__, "finished": True}).save(out)
     _summary(out, report, accuracy, len(train))
     return 0
 
@@ -160,14 +194,20 @@ def _accuracy(model: Any, history: Sequence[Any], evals: ImageDataset | None, cl
 
 
 def _already_done(record: TrainRecord, out: Path) -> bool:
-    """True when ``out`` holds this very run, finished; refuses a different run in ``out``."""
+    """True when ``out`` holds this very run, finished. A different run is refused once it has
+    spent privacy (its ledger holds steps); before that, it is replaced (e.g. after bad input)."""
     before = TrainRecord.load(out)
     if before is None:
         return False
     changes = record.changes_from(before)
+    if changes and any(p.stat().st_size for p in out.rglob(LEDGER_FILE)):
+        what = "a finished model of" if before.finished else "an unfinished run (run its command again to resume it) of"
+        raise ValueError(f"{out} holds {what} another training run, which has spent privacy ({'; '.join(changes)}); "
+                         "choose a new --out")
     if changes:
-        raise ValueError(f"{out} holds another training run ({'; '.join(changes)}); run the same command to resume "
-                         "it, or choose a new --out")
+        for unspent in (CHECKPOINTS, SHARDS, CACHE):
+            shutil.rmtree(out / unspent, ignore_errors=True)
+        return False
     if before.finished:
         print(f"{out} already holds this finished model; nothing to do (choose a new --out to train again)")
     return before.finished
@@ -182,14 +222,8 @@ def _train_shards(backbone: Any, train: ImageDataset, config: TrainConfig, n_sha
     if config.method.name != "taft":
         raise ValueError(f"--shards trains tangent models, which compose by averaging: use --method taft "
                          f"(got {config.method.name})")
-    options = config.fit_options()
-    for name in ("checkpoint_dir", "distributed"):  # fit_shards keeps each shard's own under out_dir
-        options.pop(name, None)
-    seed = options.pop("seed", None)
-    if options.get("delta") is None:  # one δ for every shard, from N: a shard's own 1/(10 N_s) would publish min N_s
-        options["delta"] = 1.0 / (10 * len(train))
-    shard_set = fit_shards(linearize(backbone, config.method.blocks), train, n_shards, ids=train.ids, seed=seed,
-                           out_dir=out / SHARDS, **options)
+    shard_set = fit_shards(linearize(backbone, config.method.blocks), train, n_shards, ids=train.ids,
+                           out_dir=out / SHARDS, **shard_options(config))
     return shard_set.composed, shard_set.report, ()
 
 
@@ -197,5 +231,5 @@ def _summary(out: Path, report: Any, accuracy: float | None, n: int) -> None:
     guarantee = "no privacy guarantee (trained with --epsilon inf)" if report is None else (
         f"({report.epsilon:.4g}, {report.delta:.3g})-DP")
     shown = "" if accuracy is None else f", eval accuracy {100 * accuracy:.2f} %"
-    print(f"trained on {n} images: {guarantee}{shown}\nwrote {out}/: {model_dir.MODEL_FILE}, privacy_report.json, "
-          "model_card.md, history.csv, training.svg")
+    files = [f.name for f in sorted(out.iterdir()) if f.is_file() and f.name not in (RECORD_FILE, WEIGHTS_PATH_FILE)]
+    print(f"trained on {n} images: {guarantee}{shown}\nwrote {out}/: {', '.join(files)}")

@@ -23,12 +23,14 @@ import accounting
 import torch
 
 __all__ = ["atomic_save", "write_private_text", "private_dir", "open_private", "fsync_dir", "load_checkpoint",
-           "discard_keys", "Ledger", "CHECKPOINT_FILE", "LEDGER_FILE", "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE"]
+           "discard_keys", "discard_saved", "Ledger", "CHECKPOINT_FILE", "LEDGER_FILE", "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LEDGER_FILE = "ledger.jsonl"
 PRIVATE_DIR_MODE = 0o700  # owner only: read, write, enter
 PRIVATE_FILE_MODE = 0o600  # owner only: read, write
+#: Name of the temporary file an atomic write of file ``name`` by process ``pid`` writes first.
+_TEMPORARY = ".{name}.{pid}.tmp"
 
 
 def private_dir(path: str | Path) -> Path:
@@ -84,7 +86,7 @@ def fsync_dir(directory: Path) -> None:
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """``write`` into an owner-only (0600) temporary file beside ``path``, fsync, then rename
     over ``path``: a crash leaves either the old or the new file, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(_TEMPORARY.format(name=path.name, pid=os.getpid()))
     with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
         write(f)
         f.flush()
@@ -108,12 +110,21 @@ def write_private_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
 
 
+def discard_saved(directory: str | Path, name: str) -> None:
+    """Delete every file ``name`` under ``directory`` and every temporary copy of one that an
+    atomic write left behind (a crash between writing and renaming leaves ``.NAME.PID.tmp``)."""
+    root = Path(directory)
+    for pattern in (name, _TEMPORARY.format(name=name, pid="*")):
+        for path in root.rglob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def discard_keys(run_dir: str | Path) -> None:
     """Delete every checkpoint under ``run_dir`` (each stage's, e.g. head first's ``head/`` and
-    ``taft/``): a finished run's checkpoints hold its secret key, which must not outlive the run.
-    The write-ahead ledgers stay: they hold only what was spent (σ, q, steps)."""
-    for path in Path(run_dir).rglob(CHECKPOINT_FILE):
-        path.unlink()
+    ``taft/``), and the temporary file of any checkpoint write a crash interrupted: a finished
+    run's checkpoints hold its secret key, which must not outlive the run. The write-ahead
+    ledgers stay: they hold only what was spent (σ, q, steps)."""
+    discard_saved(run_dir, CHECKPOINT_FILE)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Mapping
 
 import timm.models.vision_transformer as vit
 import torch
 import torch.nn as nn
 
+from ..fingerprint import fingerprint
 from .base import DeltaLeaf
 from .dual import Tangent
 from .registry import UnsupportedModelError, describe, require_no_dropout, to_tangent
@@ -138,17 +138,13 @@ class TangentViT(nn.Module):
             p.copy_(state[name])
 
     def fingerprint(self) -> str:
-        """SHA-256 of w0 (every frozen tensor, in order) and of the tangent structure.
+        """SHA-256 of w0 (every frozen tensor and buffer) and of the tangent structure:
+        :func:`dp_taft.fingerprint.fingerprint` of this model, the one a model file records.
 
         Two tangent models can be composed (their Δw averaged) only when fingerprints
-        match: same pretrained weights, same linearized blocks, same layer shapes.
+        match: same pretrained weights, same linearized blocks, same layer shapes and dtypes.
         """
-        digest = hashlib.sha256(f"blocks={self.num_blocks};pool={self.global_pool}".encode())
-        for name, p in self.named_parameters():
-            digest.update(f"{name}:{tuple(p.shape)}:{p.requires_grad}".encode())
-            if not p.requires_grad:
-                digest.update(p.detach().to("cpu", torch.float64).numpy().tobytes())
-        return digest.hexdigest()
+        return fingerprint(self)
 
 
 def linearize(model: vit.VisionTransformer, blocks: int = 2) -> TangentViT:
