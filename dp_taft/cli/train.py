@@ -148,20 +148,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     out = args.out.resolve()
-    listing = load_images(args.data)  # every training image is opened and checked here
-    config = training_config(args, out, len(listing))
-    spec = BackboneSpec(args.model, len(listing.classes), weights=None if args.weights is None else args.weights.name,
+    train = load_images(args.data)  # every training image is opened and checked here; transform set below
+    config = training_config(args, out, len(train))
+    spec = BackboneSpec(args.model, len(train.classes), weights=None if args.weights is None else args.weights.name,
                         model_kwargs=args.model_kwargs)
     record = TrainRecord(str(args.data.resolve()), None if args.eval_data is None else str(args.eval_data.resolve()),
-                         spec.to_dict(), config.to_dict(), args.shards, list(listing.classes),
+                         spec.to_dict(), config.to_dict(), args.shards, list(train.classes),
                          None if args.weights is None else str(args.weights.resolve()))
     if _already_done(record, private_dir(out)):
         return 0
     record.save(out)
     remember_weights(out, record.weights)
     backbone = spec.create(record.weights)
-    transform = eval_transform(data_config(backbone))
-    train = load_images(args.data, transform, verify=False)
+    inputs = data_config(backbone)
+    train.transform = transform = eval_transform(inputs)
     evals = None if args.eval_data is None else load_images(args.eval_data, transform, classes=train.classes)
     if args.shards is None:
         model, report, history = _train_one(backbone, train, evals, config)
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
         model, report, history = _train_shards(backbone, train, config, args.shards, out)
     accuracy = _accuracy(model, history, evals, train.classes, config.run.device)
     composition = None if args.shards is None else f"parallel over {args.shards} disjoint shards"
-    model_dir.save(out, model, ModelSpec(spec, config.method.name, model.num_blocks, train.classes,
-                                         data_config(backbone), composition=composition),
+    model_dir.save(out, model, ModelSpec(spec, config.method.name, model.num_blocks, train.classes, inputs,
+                                         composition=composition),
                    report=report, history=history, eval_accuracy=accuracy, train_size=len(train))
     # Finished before the keys go: a crash from here on must not let a rerun train again on a
     # ledger that is spent (it would replace this model with an untrained one).
