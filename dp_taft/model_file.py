@@ -152,8 +152,8 @@ def save_model(path_dir: str | Path, model: nn.Module, spec: ModelSpec) -> Model
 
 
 def _check_describes(spec: ModelSpec, model: nn.Module) -> None:
-    kind = METHODS[spec.method]
-    if type(model) is not kind:
+    kind = METHODS[spec.method]  # a family's subclass (TangentSwin, NLFTEva, LinearProbeSwin...) is one of them
+    if not isinstance(model, kind):
         raise ValueError(f"spec.method={spec.method!r} trains a {kind.__name__}, but the model is a "
                          f"{type(model).__name__}: give the method the model was built with")
     if model.num_blocks != spec.blocks:
@@ -166,10 +166,10 @@ def _check_describes(spec: ModelSpec, model: nn.Module) -> None:
 def _groups(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(Δw, trained parameters, w0 outside the pretrained weights) of a method module."""
     if isinstance(model, TangentViT):
-        head = model.head  # its w0 is random (new task) or privately trained (taft-head): in no weights file
-        base = {f"{head.source}.weight": head.weight0}
-        if head.bias0 is not None:
-            base[f"{head.source}.bias"] = head.bias0
+        # the heads' w0 are random (new task) or privately trained (taft-head): in no weights file
+        heads = [h for h in (model.head, getattr(model, "head_dist", None)) if h is not None]  # DeiT: two heads
+        base = {f"{h.source}.{name}": w for h in heads for name, w in (("weight", h.weight0), ("bias", h.bias0))
+                if w is not None}
         return model.delta_state_dict(), {}, base
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     return {}, trained, {}

@@ -254,3 +254,41 @@ def test_spec_must_describe_the_model(weights, tmp_path):
     with pytest.raises(ValueError, match="describes another base"):
         save_model(tmp_path, model, spec_of("taft", backbone, fingerprint="0" * 64))
     assert not (tmp_path / MODEL_FILE).exists()
+
+
+#: One small model per ViT family (timm name, kwargs); each loads from a weights file of its own.
+FAMILIES = {
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=16, patch_size=4, embed_dim=32, depth=2,
+                                                               num_heads=2)),
+    "siglip_map": ("vit_base_patch16_siglip_224", dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                             ref_feat_shape=(4, 4))),
+    "beit": ("beit_base_patch16_224", dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=16, patch_size=4, window_size=2, embed_dim=16,
+                                                  depths=(2, 2), num_heads=(2, 2), drop_path_rate=0.0)),
+    "swin_v2": ("swinv2_tiny_window8_256", dict(img_size=16, patch_size=4, window_size=2, embed_dim=16,
+                                                depths=(2, 2), num_heads=(2, 2), drop_path_rate=0.0)),
+}
+
+
+@pytest.mark.parametrize("method", ["taft", "nlft"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_reloads_exactly(family, method, tmp_path):
+    """A family's subclass (TangentSwin, NLFTEva, ...) saves, and reloads to exactly the trained logits."""
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(timm.create_model(name, num_classes=7, **kwargs).state_dict(), path)
+    backbone = BackboneSpec(name, len(CLASSES), weights=str(path), model_kwargs=kwargs)
+    with torch.no_grad():
+        model = (methods.taft if method == "taft" else methods.nlft)(backbone.create(), 1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn_like(p) + 0.01)
+    config = {**DATA_CONFIG, "input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    save_model(tmp_path / "model", model.eval(), spec_of(method, backbone, data_config=config))
+    torch.manual_seed(12345)
+    loaded, _ = load_model(tmp_path / "model")
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert type(loaded) is type(model) and torch.equal(loaded(x), model(x))

@@ -1,5 +1,6 @@
-"""Opacus integration: exact per-sample gradient samplers (registered on import)."""
+"""Opacus integration: exact per-sample gradient samplers and the family book-keeping rules
+(both registered on import)."""
 
-from . import grad_samplers
+from . import bk_family_rules, grad_samplers
 
-__all__ = ["grad_samplers"]
+__all__ = ["bk_family_rules", "grad_samplers"]

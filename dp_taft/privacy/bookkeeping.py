@@ -19,7 +19,8 @@ clips all Δ jointly (flat clipping, Opacus' factor ``min(1, C / (‖g_i‖ + 1e
 writes ``p.grad = Σ_i c_i g_i`` — for a linear Δ one weighted matmul ``(c·G)ᵀ A`` over
 the B·T rows. Opacus' ``DPOptimizerFastGradientClipping`` then accumulates physical
 batches, adds the noise σ·C and scales, exactly as in ghost mode. See
-:func:`make_bk_module` for the calling contract.
+:func:`make_bk_module` for the calling contract. The rules of the other model families'
+Δ kinds (position tables, added parameters) are in :mod:`dp_taft.privacy.bk_family_rules`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ exactly; an unregistered subclass silently falls back to functorch):
 * timm's ``LayerNorm`` subclass, with Opacus' own ``nn.LayerNorm`` sampler (same maths);
 * :class:`~dp_taft.tangent.linear.DeltaLinear` (the tangent model's ΔW, Δb), with Opacus'
   own ``nn.Linear`` grad and ghost-norm samplers (same parameters, same maths);
+* :class:`~dp_taft.tangent.pooling.ParameterAdd` (Δ of a parameter added to an activation:
+  the latent query and position embedding of MAP attention pooling, and NLFT's latent);
+* :class:`~dp_taft.tangent.swin.PositionTable` (a Swin relative position bias table: the
+  tangent model's ΔP, and P itself for NLFT);
 * norm samplers for all of the above and for ``nn.LayerNorm``, so that
   ``grad_sample_mode="ghost"`` has a registered rule for every trainable layer.
 
@@ -27,6 +31,8 @@ from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 
 from ..tangent.layerscale import DeltaScale
 from ..tangent.linear import DeltaLinear
+from ..tangent.pooling import ParameterAdd, per_example_sum
+from ..tangent.swin import PositionTable
 
 __all__ = ["compute_scale_grad_sample"]
 
@@ -77,3 +83,30 @@ def _norm_sampler_from(grad_sampler: Sampler) -> Sampler:
 
 register_norm_sampler([DeltaScale, timm.layers.LayerScale])(_norm_sampler_from(compute_scale_grad_sample))
 register_norm_sampler([nn.LayerNorm, timm.layers.LayerNorm])(_norm_sampler_from(compute_layer_norm_grad_sample))
+
+
+@register_grad_sampler(PositionTable)
+def compute_position_table_grad_sample(
+    layer: PositionTable, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> GradSamples:
+    """Per-sample gradient of a Swin relative position bias table: the backprops themselves.
+
+    The layer hands each example its own copy of the table (B, T, heads) and the gather by
+    the relative position index happens after it, so ∂L_i/∂table = backprops[i].
+    """
+    return {layer.weight: backprops} if layer.weight.requires_grad else {}
+
+
+register_norm_sampler(PositionTable)(_norm_sampler_from(compute_position_table_grad_sample))
+
+
+@register_grad_sampler(ParameterAdd)
+def compute_parameter_add_grad_sample(
+    layer: ParameterAdd, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> GradSamples:
+    """Per-sample gradient of w in y = x + w (a latent query, a position embedding): the output
+    gradient summed over the dimensions w is broadcast along (:func:`per_example_sum`)."""
+    return {layer.weight: per_example_sum(backprops, layer.weight.shape)} if layer.weight.requires_grad else {}
+
+
+register_norm_sampler(ParameterAdd)(_norm_sampler_from(compute_parameter_add_grad_sample))

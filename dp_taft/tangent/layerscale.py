@@ -1,4 +1,6 @@
-"""Tangent of LayerScale (per-channel scaling), and the Δ module it owns."""
+"""Tangent of LayerScale (per-channel scaling), and the Δ module it owns; also the Δ of a
+layer scale or bias held as a bare parameter of its layer (BEiT's and EVA's ``gamma_1``,
+``q_bias``...), both channel scales."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from .base import DeltaLeaf, frozen
 from .dual import Tangent
 from .registry import register_tangent
 
-__all__ = ["DeltaScale", "TangentLayerScale"]
+__all__ = ["DeltaScale", "TangentBias", "TangentGamma", "TangentLayerScale", "constant_ones", "gamma_tangent",
+           "layer_scale"]
 
 
 class DeltaScale(nn.Module):
@@ -48,3 +51,53 @@ class TangentLayerScale(DeltaLeaf):
         if dx is None:
             return x * self.gamma0, self.delta(x)
         return x * self.gamma0, (dx * self.gamma0).add_(self.delta(x))  # in place on a fresh tensor
+
+
+class TangentGamma(TangentLayerScale):
+    """The tangent of ``γ ⊙ x`` for a layer-scale vector held as a bare parameter of its block
+    (BEiT's and EVA's ``gamma_1``, ``gamma_2``); the rule is :class:`TangentLayerScale`'s."""
+
+    def __init__(self, gamma: nn.Parameter, path: str, name: str) -> None:
+        DeltaLeaf.__init__(self, path)
+        self.delta_names = {"weight": name}
+        self.gamma0 = frozen(gamma)
+        self.delta = DeltaScale(gamma.shape[-1], device=gamma.device, dtype=gamma.dtype)
+
+
+def gamma_tangent(block: nn.Module, name: str, path: str) -> TangentGamma | None:
+    """:class:`TangentGamma` of ``block.<name>``, its Δ named ``<path>.<name>``; None where the block has none."""
+    gamma = getattr(block, name, None)
+    return None if gamma is None else TangentGamma(gamma, path, name)
+
+
+def constant_ones(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """A stride-0 tensor of ones of shape (*x.shape[:-1], dim): the constant feature a bias scales."""
+    return x.new_ones(()).expand(*x.shape[:-1], dim)
+
+
+class TangentBias(DeltaLeaf):
+    r"""The Δ of a bias held as a bare parameter of its layer (BEiT's and EVA's ``q_bias``, ``v_bias``).
+
+    Derivation: y = z + b is affine in b, so dy = dz + Δb. Δb is a channel scale of the
+    constant feature 1, ``Δb = 1 ⊙ Δb``: a :class:`DeltaScale` applied to
+    :func:`constant_ones`, whose registered per-sample gradient Σ_tokens ∂L/∂y ⊙ 1 (and
+    book-keeping rule) is exactly the per-sample gradient of the bias.
+    """
+
+    def __init__(self, bias: nn.Parameter, path: str, name: str) -> None:
+        super().__init__(path)
+        self.delta_names = {"weight": name}
+        self.delta = DeltaScale(bias.shape[-1], device=bias.device, dtype=bias.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Δb broadcast over the leading dimensions of ``x`` (B, N, ·)."""
+        return self.delta(constant_ones(x, self.delta.weight.shape[0]))
+
+
+def layer_scale(values: torch.Tensor) -> timm.layers.LayerScale:
+    """A trainable timm ``LayerScale`` holding a copy of ``values`` (dim,): for non-linear
+    fine-tuning, a bare layer-scale or bias parameter as a layer Opacus samples exactly."""
+    scale = timm.layers.LayerScale(values.shape[-1], device=values.device, dtype=values.dtype)
+    with torch.no_grad():
+        scale.gamma.copy_(values)
+    return scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
+import timm.models.deit as deit
 import timm.models.vision_transformer as vit
 import torch
 import torch.nn as nn
@@ -16,7 +17,11 @@ from .registry import UnsupportedModelError, describe, require_no_dropout, to_ta
 
 __all__ = ["TangentViT", "linearize"]
 
-_POOLS = ("token", "avg")
+_POOLS = ("token", "avg", "map")
+
+#: Exact model class -> its tangent model class; :func:`linearize` dispatches on it, and
+#: other model families (e.g. :mod:`dp_taft.tangent.eva`) register their subclass here.
+MODEL_FAMILIES: dict[type[nn.Module], type["TangentViT"]] = {}
 
 
 class TangentViT(nn.Module):
@@ -27,7 +32,10 @@ class TangentViT(nn.Module):
     The last ``blocks`` transformer blocks, the final norm, ``fc_norm`` and the head
     are linearized; everything before them (patch and position embedding, class and
     register tokens, earlier blocks) is a frozen prefix evaluated at w0. f(x; w0) and
-    J·Δw come out of one forward pass of dual-stream modules. The Δw are zero-initialized
+    J·Δw come out of one forward pass of dual-stream modules. Pooling follows timm: class
+    token, mean, or attention pooling (``global_pool='map'``, its latent, projections, norm and
+    MLP linearized); a DeiT ``VisionTransformerDistilled`` gives the mean of its two heads on
+    the class and distillation tokens, as timm does at eval. The Δw are zero-initialized
     ``nn.Parameter``s and the only trainable parameters; their per-sample gradients are
     computed by Opacus' hooks in the ordinary backward pass.
 
@@ -53,6 +61,12 @@ class TangentViT(nn.Module):
         self.norm = _optional(model.norm, "norm")
         self.fc_norm = _optional(model.fc_norm, "fc_norm")
         self.head = to_tangent(model.head, "head")
+        pool = getattr(model, "attn_pool", None)
+        self.attn_pool = None if pool is None else to_tangent(pool, "attn_pool")
+        self.head_dist = None
+        if type(model) is deit.VisionTransformerDistilled:
+            self.head_dist = to_tangent(model.head_dist, "head_dist")
+            self.fc_norm = None  # timm's distilled forward_head reads the tokens without fc_norm
 
         # The prefix is a copy of the source model whose suffix is cut off; its own
         # forward_features then yields exactly the prefix output, whatever the timm
@@ -61,6 +75,9 @@ class TangentViT(nn.Module):
         prefix.blocks = prefix.blocks[:first]
         for name in ("norm", "fc_norm", "head", "head_drop"):
             setattr(prefix, name, nn.Identity())
+        for name in ("attn_pool", "head_dist"):
+            if isinstance(getattr(prefix, name, None), nn.Module):
+                setattr(prefix, name, nn.Identity())
         prefix.requires_grad_(False)
         self.frozen_prefix = prefix.eval()
 
@@ -86,7 +103,12 @@ class TangentViT(nn.Module):
             x, dx = block(x, dx)
         if self.norm is not None:
             x, dx = self.norm(x, dx)
-        x, dx = self._pool(x), self._pool(dx)
+        if self.head_dist is not None:
+            return self._distilled_heads(x, dx)
+        if self.attn_pool is not None:
+            x, dx = self.attn_pool(self._tokens(x), self._tokens(dx))
+        else:
+            x, dx = self._pool(x), self._pool(dx)
         if self.fc_norm is not None:
             x, dx = self.fc_norm(x, dx)
         return self.head(x, dx)
@@ -106,7 +128,17 @@ class TangentViT(nn.Module):
             return None
         if self.global_pool == "token":
             return x[:, 0]
-        return (x if self.pool_include_prefix else x[:, self.num_prefix_tokens :]).mean(dim=1)
+        return self._tokens(x).mean(dim=1)
+
+    def _tokens(self, x: Tangent) -> Tangent:
+        """The tokens timm pools over: without the prefix tokens unless ``pool_include_prefix``."""
+        return x if x is None or self.pool_include_prefix else x[:, self.num_prefix_tokens :]
+
+    def _distilled_heads(self, x: torch.Tensor, dx: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeiT: (head(x[:, 0]) + head_dist(x[:, 1])) / 2; the tangent of a mean is the mean of tangents."""
+        y, dy = self.head(x[:, 0], None if dx is None else dx[:, 0])
+        y_dist, dy_dist = self.head_dist(x[:, 1], None if dx is None else dx[:, 1])
+        return (y + y_dist) / 2, (dy + dy_dist) / 2
 
     # ---------------------------------------------------------------- the Δw
     def deltas(self) -> dict[str, nn.Parameter]:
@@ -147,6 +179,10 @@ class TangentViT(nn.Module):
         return fingerprint(self)
 
 
+MODEL_FAMILIES[vit.VisionTransformer] = TangentViT
+MODEL_FAMILIES[deit.VisionTransformerDistilled] = TangentViT
+
+
 def linearize(model: vit.VisionTransformer, blocks: int = 2) -> TangentViT:
     """Tangent model of ``model`` around its current weights, linearizing the last ``blocks``.
 
@@ -159,7 +195,7 @@ def linearize(model: vit.VisionTransformer, blocks: int = 2) -> TangentViT:
     Raises:
         UnsupportedModelError: a layer in the linearized part has no exact tangent rule.
     """
-    return TangentViT(model, blocks)
+    return MODEL_FAMILIES.get(type(model), TangentViT)(model, blocks)
 
 
 def _optional(module: nn.Module, path: str) -> nn.Module | None:
@@ -168,10 +204,17 @@ def _optional(module: nn.Module, path: str) -> nn.Module | None:
 
 def _check_supported(model: nn.Module, blocks: int) -> None:
     """Refuse, with a precise message, everything the tangent suffix cannot represent."""
-    if type(model) is not vit.VisionTransformer:
+    if type(model) not in MODEL_FAMILIES:
+        supported = ", ".join(sorted(f"{c.__module__}.{c.__qualname__}" for c in MODEL_FAMILIES))
         raise UnsupportedModelError(
-            f"linearize() takes a timm VisionTransformer, got {describe(model)} "
-            "(create it with timm.create_model('vit_...'))."
+            f"linearize() takes a timm VisionTransformer or another supported model class ({supported}), "
+            f"got {describe(model)} (create it with timm.create_model('vit_...'), or a deit_, beit_, eva02_ "
+            "or swin_ model)."
+        )
+    if getattr(model, "distilled_training", False):
+        raise UnsupportedModelError(
+            "the model is in distilled training mode (timm returns the two heads' logits separately): "
+            "call model.set_distilled_training(False); the tangent model outputs the heads' mean, as timm at eval."
         )
     depth = len(model.blocks)
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 0 <= blocks <= depth:
@@ -179,12 +222,12 @@ def _check_supported(model: nn.Module, blocks: int) -> None:
     if model.global_pool not in _POOLS:
         raise UnsupportedModelError(
             f"global_pool={model.global_pool!r} is not supported: use one of {_POOLS} "
-            "(max pooling and attention pooling are not linearized)."
+            "(max pooling and 'prr' attention pooling are not linearized)."
         )
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError("attention pooling ('map') is not supported; use global_pool='token' or 'avg'.")
     if not isinstance(model.head, nn.Linear):
         raise UnsupportedModelError(
             f"the model needs a linear classifier head (num_classes > 0), got {describe(model.head)}."
         )
+    if not isinstance(getattr(model, "head_dist", model.head), nn.Linear):
+        raise UnsupportedModelError(f"the distillation head must be linear, got {describe(model.head_dist)}.")
     require_no_dropout(model.head_drop, "head_drop")
