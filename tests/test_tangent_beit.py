@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import timm.models.beit as beit
 import torch
-from torch.func import functional_call, grad, vmap
 
 import dp_taft
 from dp_taft.methods import linear_probe, nlft
@@ -14,7 +13,7 @@ from dp_taft.privacy.validate import resolve_grad_sample_mode
 from fit_cases import easy_dataset
 from test_bookkeeping import assert_close, bk_grads, clip_sum, hooks_reference
 from test_tangent_exactness import jvp_reference, relative_error
-from test_tangent_grad_samples import assert_grads_close, opacus_grad_samples
+from test_tangent_grad_samples import assert_grads_close, opacus_grad_samples, perturbed_tangent_batch, vmap_grad_samples
 from vit_cases import (  # noqa: F401 -- forbid_functorch_fallback: an autouse fixture
     forbid_functorch_fallback, images, per_example_loss, randomize_deltas,
 )
@@ -88,20 +87,11 @@ def test_zero_delta_is_the_model(variant):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_hooks_match_vmap_grad(variant, kind):
     model = make_beit(**VARIANTS[variant])
-    tangent = dp_taft.linearize(model, blocks=2).train()
-    randomize_deltas(tangent, scale=0.05)
-    x = images(model, n=6)
-    y = torch.arange(6) % model.num_classes
-    h = tangent.prefix(x)
+    tangent, h, y = perturbed_tangent_batch(model, images(model, n=6))
     view = FromPrefix(tangent)
     names = {id(p): n for n, p in tangent.named_parameters()}
     trainable = {n: p.detach() for n, p in tangent.named_parameters() if p.requires_grad}
-
-    def loss_ref(params, h1, y1):
-        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
-        return per_example_loss(logits, y1[None], kind).sum()
-
-    reference = vmap(grad(loss_ref), in_dims=(None, 0, 0))(trainable, h, y)
+    reference = vmap_grad_samples(tangent, h, y, kind)
     opacus_grad_samples(view, h, y, kind)
     got = {names[id(p)]: p.grad_sample for p in tangent.parameters() if p.requires_grad}
     assert all(got[n].shape == (6, *trainable[n].shape) for n in got)
@@ -142,16 +132,9 @@ def test_nlft_is_the_model_and_its_grads_are_exact(variant):
     suffix = [p for n, p in model.named_parameters() if n.startswith((f"blocks.{depth - 2}.", f"blocks.{depth - 1}."))]
     assert sum(p.numel() for p in method.blocks.parameters() if p.requires_grad) == sum(p.numel() for p in suffix)
     h = method.prefix(x)
-    view = FromPrefix(method)
     names = {id(p): n for n, p in method.named_parameters()}
-    trainable = {n: p.detach() for n, p in method.named_parameters() if p.requires_grad}
-
-    def loss_ref(params, h1, y1):
-        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
-        return per_example_loss(logits, y1[None], "ce").sum()
-
-    reference = vmap(grad(loss_ref), in_dims=(None, 0, 0))(trainable, h, y)
-    opacus_grad_samples(view, h, y, "ce")
+    reference = vmap_grad_samples(method, h, y, "ce")
+    opacus_grad_samples(FromPrefix(method), h, y, "ce")
     assert_grads_close({names[id(p)]: p.grad_sample for p in method.parameters() if p.requires_grad}, reference,
                        rtol=1e-9)
 

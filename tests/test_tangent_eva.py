@@ -17,7 +17,7 @@ from dp_taft.tangent import TangentEva, UnsupportedModelError
 from fit_cases import easy_dataset
 from test_bookkeeping import assert_close, bk_grads, clip_sum, hooks_reference
 from test_tangent_exactness import jvp_reference, relative_error
-from test_tangent_grad_samples import assert_grads_close, opacus_grad_samples
+from test_tangent_grad_samples import assert_grads_close, opacus_grad_samples, perturbed_tangent_batch, vmap_grad_samples
 from vit_cases import (  # noqa: F401 -- forbid_functorch_fallback: an autouse fixture
     forbid_functorch_fallback, per_example_loss, randomize_deltas,
 )
@@ -104,29 +104,12 @@ def test_deltas_are_named_as_the_source_parameters():
     assert set(deltas) == {n for n in source if n.startswith(("blocks.1.", "fc_norm", "head"))}
 
 
-def trainable(model):
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def vmap_grads(model, h, y, kind):
-    view = FromPrefix(model)
-
-    def loss_one(params, h1, y1):
-        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
-        return per_example_loss(logits, y1[None], kind).sum()
-
-    return vmap(grad(loss_one), in_dims=(None, 0, 0))(trainable(model), h, y)
-
-
 @pytest.mark.parametrize("kind", ["ce", "square"])
 @pytest.mark.parametrize("variant", ["base", "swiglu", "swiglu_scale_mlp", "unfused_qkv", "qk_norm", "post_norm"])
 def test_hooks_match_vmap_grad(variant, kind):
     model = make_eva(**VARIANTS[variant])
-    tangent = dp_taft.linearize(model, blocks=2).train()
-    randomize_deltas(tangent, scale=0.05)
-    h = tangent.prefix(eva_images(model, n=6))
-    y = torch.arange(6) % model.num_classes
-    want = vmap_grads(tangent, h, y, kind)
+    tangent, h, y = perturbed_tangent_batch(model, eva_images(model, n=6))
+    want = vmap_grad_samples(tangent, h, y, kind)
     opacus_grad_samples(FromPrefix(tangent), h, y, kind)
     got = {n: p.grad_sample for n, p in tangent.named_parameters() if p.requires_grad}
     assert_grads_close(got, want, rtol=1e-9)
@@ -190,7 +173,7 @@ def test_nlft_is_the_model_with_exact_per_sample_gradients(variant):
     h = nlft.prefix(x)
     assert resolve_grad_sample_mode(nlft, "auto", per_sample_needed=False) == "bk"
     samples = hooks_reference(nlft, h, y, "ce")
-    assert_grads_close(samples, vmap_grads(nlft, h, y, "ce"), rtol=1e-9)
+    assert_grads_close(samples, vmap_grad_samples(nlft, h, y, "ce"), rtol=1e-9)
     want, norms, _ = clip_sum(samples, clip=0.1)
     got, bk_norms = bk_grads(nlft, h, y, "ce", clip=0.1)
     assert_close(got, want)

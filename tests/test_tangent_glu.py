@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch.func import functional_call, grad, vmap
 
 import dp_taft
 from dp_taft.methods import nlft, taft
@@ -13,10 +12,10 @@ from dp_taft.privacy.bookkeeping import BK_RULES, trainable_layers
 from dp_taft.privacy.data import FromPrefix
 from dp_taft.privacy.validate import resolve_grad_sample_mode
 from fit_cases import easy_dataset, tiny_vit
-from test_bookkeeping import bk_grads, clip_sum, hooks_reference
+from test_bookkeeping import check_median_clip_equals_hooks
 from test_bookkeeping import assert_close as assert_bk_close
-from test_tangent_exactness import jvp_reference, relative_error
-from test_tangent_grad_samples import assert_grads_close, opacus_grad_samples
+from test_tangent_exactness import check_matches_jvp
+from test_tangent_grad_samples import assert_grads_close, opacus_grad_samples, vmap_grad_samples
 from vit_cases import (  # noqa: F401 -- forbid_functorch_fallback: an autouse fixture
     forbid_functorch_fallback, images, make_vit, per_example_loss, randomize_deltas,
 )
@@ -54,13 +53,7 @@ def make_glu_vit(variant: str, **kwargs) -> timm.models.VisionTransformer:
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_matches_jvp(variant, blocks):
     model = make_glu_vit(variant)
-    tangent = dp_taft.linearize(model, blocks=blocks)
-    randomize_deltas(tangent)
-    x = images(model)
-    got = tangent(x)
-    want = jvp_reference(model, tangent, x)
-    assert relative_error(got, want) <= 1e-9
-    assert relative_error(model(x), want) > 1e-3  # the Δ move the output: the check is not vacuous
+    check_matches_jvp(model, dp_taft.linearize(model, blocks=blocks))
 
 
 @pytest.mark.parametrize("variant", ["swiglu", "swiglu_packed", "quick_gelu"])
@@ -88,15 +81,8 @@ def test_hooks_match_vmap_grad(variant, kind):
     h = tangent.prefix(images(model, n=6))
     y = torch.arange(6) % model.num_classes
     names = {id(p): n for n, p in tangent.named_parameters()}
-    trainable = {n: p.detach() for n, p in tangent.named_parameters() if p.requires_grad}
-    view = FromPrefix(tangent)
-
-    def loss_ref(params, h1, y1):
-        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
-        return per_example_loss(logits, y1[None], kind).sum()
-
-    reference = vmap(grad(loss_ref), in_dims=(None, 0, 0))(trainable, h, y)
-    opacus_grad_samples(view, h, y, kind)
+    reference = vmap_grad_samples(tangent, h, y, kind)
+    opacus_grad_samples(FromPrefix(tangent), h, y, kind)
     got = {names[id(p)]: p.grad_sample for p in tangent.parameters() if p.requires_grad}
     assert_grads_close(got, reference, rtol=1e-9)
 
@@ -111,14 +97,7 @@ def test_bookkeeping_clipped_sum_equals_hooks(variant, kind):
     randomize_deltas(tangent, scale=0.05)
     h = tangent.prefix(images(model, n=6))
     y = torch.arange(6) % model.num_classes
-    samples = hooks_reference(tangent, h, y, kind)
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in samples.values()], dim=1).norm(dim=1)
-    clip = float(norms.median())  # about half the examples are clipped
-    want, _, factors = clip_sum(samples, clip)
-    assert (factors < 1).any() and (factors == 1).any()
-    got, bk_norms = bk_grads(tangent, h, y, kind, clip)
-    assert_bk_close(got, want)
-    torch.testing.assert_close(bk_norms, norms, rtol=1e-10, atol=0)
+    check_median_clip_equals_hooks(tangent, h, y, kind, close=assert_bk_close)
 
 
 @pytest.mark.parametrize("method", [taft, nlft], ids=["taft1", "nlft1"])

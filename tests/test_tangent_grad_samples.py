@@ -23,6 +23,25 @@ def opacus_grad_samples(model, x, y, kind):
     return gs_model
 
 
+def vmap_grad_samples(model, h, y, kind):
+    """Per-example gradients {name: (B, *shape)} of the trainable parameters by vmap(grad) on the prefix ``h``."""
+    view = FromPrefix(model)
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_ref(params, h1, y1):
+        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
+        return per_example_loss(logits, y1[None], kind).sum()
+
+    return vmap(grad(loss_ref), in_dims=(None, 0, 0))(trainable, h, y)
+
+
+def perturbed_tangent_batch(model, x):
+    """TAFT-2 of ``model`` at small random Δ (train mode), the prefix of the images ``x`` and labels for them."""
+    tangent = dp_taft.linearize(model, blocks=2).train()
+    randomize_deltas(tangent, scale=0.05)
+    return tangent, tangent.prefix(x), torch.arange(x.shape[0]) % model.num_classes
+
+
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -44,24 +63,12 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 1e-8) -> None:
 @pytest.mark.parametrize("variant", ["base", "layer_scale", "qk_norm", "no_class_token_avg", "registers", "scale_norms"])
 def test_hooks_match_vmap_grad(variant, kind):
     model = make_vit(**VARIANTS[variant])
-    tangent = dp_taft.linearize(model, blocks=2).train()
-    randomize_deltas(tangent, scale=0.05)
-    x = images(model, n=6)
-    y = torch.arange(6) % model.num_classes
-    h = tangent.prefix(x)
+    tangent, h, y = perturbed_tangent_batch(model, images(model, n=6))
 
     names = {id(p): n for n, p in tangent.named_parameters()}
     trainable = {n: p.detach() for n, p in tangent.named_parameters() if p.requires_grad}
-
-    view = FromPrefix(tangent)  # trains on cached prefix tokens, as fit does
-
-    def loss_ref(params, h1, y1):
-        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
-        return per_example_loss(logits, y1[None], kind).sum()
-
-    reference = vmap(grad(loss_ref), in_dims=(None, 0, 0))(trainable, h, y)
-
-    gs_model = opacus_grad_samples(view, h, y, kind)
+    reference = vmap_grad_samples(tangent, h, y, kind)
+    gs_model = opacus_grad_samples(FromPrefix(tangent), h, y, kind)  # on cached prefix tokens, as fit does
     got = {names[id(p)]: p.grad_sample for p in tangent.parameters() if p.requires_grad}
     assert all(got[n].shape == (6, *trainable[n].shape) for n in got)
     assert_grads_close(got, reference)

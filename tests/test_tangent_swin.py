@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, jvp
 from torch.utils.data import TensorDataset
 
 import dp_taft
 import dp_taft.privacy.bookkeeping as bk
-from dp_taft.methods import linear_probe, nlft
-from dp_taft.privacy.data import FromPrefix
+from dp_taft.methods import LinearProbeSwin, NLFTSwin, linear_probe, nlft
 from dp_taft.privacy.validate import resolve_grad_sample_mode
 from dp_taft.tangent import UnsupportedModelError
 from test_bookkeeping import assert_close, bk_grads, clip_sum, hooks_reference
-from test_tangent_grad_samples import assert_grads_close, dp_update
+from test_tangent_grad_samples import assert_grads_close, dp_update, vmap_grad_samples
 from vit_cases import forbid_functorch_fallback, per_example_loss, randomize_deltas  # noqa: F401 -- autouse fixture
 
 # 8x8 patch grid, 2x2 windows: both stages have shifted windows with a mask, and a PatchMerging between them.
@@ -39,6 +38,18 @@ def make_swin(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) ->
     return model.eval()
 
 
+@pytest.fixture
+def make():
+    """The model factory of the tests below, which test_tangent_swin_v2 imports with its own ``make``."""
+    return make_swin
+
+
+@pytest.fixture
+def method_types():
+    """The classes nlft and linear_probe build for this module's models."""
+    return NLFTSwin, LinearProbeSwin
+
+
 def images(n: int = 4, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -57,9 +68,12 @@ def jvp_reference(model, tangent, x):
 
 @pytest.mark.parametrize("blocks", [0, 1, 3, 4])
 def test_matches_jvp(blocks):
-    model = make_swin()
+    check_matches_jvp(make_swin(), blocks, dp_taft.tangent.TangentSwin)
+
+
+def check_matches_jvp(model, blocks, family):
     tangent = dp_taft.linearize(model, blocks=blocks)
-    assert isinstance(tangent, dp_taft.tangent.TangentSwin)
+    assert isinstance(tangent, family)
     x = images()
     torch.testing.assert_close(tangent(x), model(x), rtol=1e-12, atol=1e-12)  # Δw = 0: the model itself
     randomize_deltas(tangent)
@@ -82,9 +96,9 @@ def test_suffix_counts_blocks_over_stages_with_merging_between():
     (dict(global_pool="max"), r"'head\.global_pool' \(timm\..*SelectAdaptivePool2d, pool_type='max'\)"),
     (dict(drop_path_rate=0.1), r"'layers\.1\.blocks\.1\.drop_path1' is a stochastic layer"),
 ])
-def test_refuses_unsupported(overrides, match):
+def test_refuses_unsupported(make, overrides, match):
     with pytest.raises(UnsupportedModelError, match=match):
-        dp_taft.linearize(make_swin(**overrides), blocks=1)
+        dp_taft.linearize(make(**overrides), blocks=1)
 
 
 def test_unregistered_layer_is_refused_by_path_and_type():
@@ -100,44 +114,32 @@ def test_refuses_bad_block_count():
         dp_taft.linearize(make_swin(), blocks=5)
 
 
-def vmap_reference(model, h, y, kind):
-    """Per-example gradients {name: (B, *shape)} by vmap(grad) through the prefix protocol."""
-    view = FromPrefix(model)
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-    def loss(params, h1, y1):
-        logits = functional_call(view, {f"model.{k}": v for k, v in params.items()}, (h1[None],), strict=False)
-        return per_example_loss(logits, y1[None], kind).sum()
-
-    return vmap(grad(loss), in_dims=(None, 0, 0))(trainable, h, y)
-
-
 def labelled(model, n: int = 6):
     return model.prefix(images(n)), torch.arange(n) % 3
 
 
 @pytest.mark.parametrize("kind", ["ce", "square"])
 @pytest.mark.parametrize("blocks", [1, 3])
-def test_hooks_match_vmap_grad(blocks, kind):
-    tangent = dp_taft.linearize(make_swin(), blocks=blocks).train()
+def test_hooks_match_vmap_grad(make, blocks, kind):
+    tangent = dp_taft.linearize(make(), blocks=blocks).train()
     randomize_deltas(tangent, scale=0.05)
     h, y = labelled(tangent)
     got = hooks_reference(tangent, h, y, kind)
-    want = vmap_reference(tangent, h, y, kind)
+    want = vmap_grad_samples(tangent, h, y, kind)
     assert got.keys() == want.keys()
     assert_grads_close(got, want, rtol=1e-9)
 
 
 @pytest.mark.parametrize("blocks", [1, 3])
-def test_nlft_hooks_match_vmap_grad(blocks):
-    method = nlft(make_swin(), blocks).train()
+def test_nlft_hooks_match_vmap_grad(make, blocks):
+    method = nlft(make(), blocks).train()
     h, y = labelled(method)
-    assert_grads_close(hooks_reference(method, h, y, "ce"), vmap_reference(method, h, y, "ce"), rtol=1e-9)
+    assert_grads_close(hooks_reference(method, h, y, "ce"), vmap_grad_samples(method, h, y, "ce"), rtol=1e-9)
 
 
 @pytest.mark.parametrize("blocks", [1, 3])
-def test_bk_equals_hooks(blocks):
-    tangent = dp_taft.linearize(make_swin(), blocks=blocks).train()
+def test_bk_equals_hooks(make, blocks):
+    tangent = dp_taft.linearize(make(), blocks=blocks).train()
     randomize_deltas(tangent, scale=0.05)
     h, y = labelled(tangent)
     assert resolve_grad_sample_mode(tangent, "auto", per_sample_needed=False) == "bk"
@@ -148,19 +150,22 @@ def test_bk_equals_hooks(blocks):
     torch.testing.assert_close(bk_norms, norms, rtol=1e-10, atol=0)
 
 
-def test_nlft_bk_equals_hooks():
-    method = nlft(make_swin(), 3).train()
+def test_nlft_bk_equals_hooks(make):
+    method = nlft(make(), 3).train()
     h, y = labelled(method)
     assert resolve_grad_sample_mode(method, "auto", per_sample_needed=False) == "bk"
-    want, _, _ = clip_sum(hooks_reference(method, h, y, "ce"), clip=1e-3)
-    assert_close(bk_grads(method, h, y, "ce", clip=1e-3, reduction="sum")[0], want)
+    want, norms, _ = clip_sum(hooks_reference(method, h, y, "ce"), clip=1e-3)
+    got, bk_norms = bk_grads(method, h, y, "ce", clip=1e-3, reduction="sum")
+    assert_close(got, want)
+    torch.testing.assert_close(bk_norms, norms, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("build", [lambda m: nlft(m, 1), lambda m: nlft(m, 3), lambda m: nlft(m, 0), linear_probe],
                          ids=["nlft1", "nlft3", "nlft0", "probe"])
-def test_methods_compute_the_model_at_init(build):
-    model = make_swin()
+def test_methods_compute_the_model_at_init(make, method_types, build):
+    model = make()
     method = build(model).train()
+    assert isinstance(method, method_types)
     x = images()
     h = method.prefix(x)
     assert not h.requires_grad
@@ -186,8 +191,8 @@ def easy_images(n: int) -> TensorDataset:
 @pytest.mark.parametrize("mode", ["auto", "hooks"])
 @pytest.mark.parametrize("build", [lambda m: dp_taft.linearize(m, blocks=1), lambda m: nlft(m, 1)],
                          ids=["taft1", "nlft1"])
-def test_private_fit_meets_epsilon(build, mode):
-    model = build(make_swin(dtype=torch.float32))
+def test_private_fit_meets_epsilon(make, build, mode):
+    model = build(make(dtype=torch.float32))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     result = dp_taft.fit(model, easy_images(48), epsilon=2.0, delta=1e-5, epochs=2, batch_size=16, lr=0.5,
                          max_grad_norm=0.1, seed=0, quiet=True, grad_sample_mode=mode)
@@ -197,15 +202,15 @@ def test_private_fit_meets_epsilon(build, mode):
 
 
 @pytest.mark.parametrize("method", ["taft", "nlft"])
-def test_ghost_equals_hooks(method):
+def test_ghost_equals_hooks(make, method):
     x, y = images(8), torch.arange(8) % 3
     updates = {}
     for mode in ("hooks", "ghost"):
         if method == "taft":
-            model = dp_taft.linearize(make_swin(), blocks=3)
+            model = dp_taft.linearize(make(), blocks=3)
             randomize_deltas(model, scale=0.05)
         else:
-            model = nlft(make_swin(), 3)
+            model = nlft(make(), 3)
         updates[mode] = dp_update(model.train(), x, y, mode, clip=1e-3)
     assert torch.cat([u.flatten() for u in updates["hooks"].values()]).norm() > 0
     assert_grads_close(updates["ghost"], updates["hooks"])
@@ -213,9 +218,9 @@ def test_ghost_equals_hooks(method):
 
 @pytest.mark.parametrize("build", [lambda m: dp_taft.linearize(m, blocks=3), lambda m: nlft(m, 3), linear_probe],
                          ids=["taft3", "nlft3", "probe"])
-def test_prefix_cache_gives_the_uncached_result(build):
+def test_prefix_cache_gives_the_uncached_result(make, build):
     def run(cache):
-        model = build(make_swin(dtype=torch.float32))
+        model = build(make(dtype=torch.float32))
         dp_taft.fit(model, easy_images(32), epsilon=2.0, delta=1e-5, epochs=1, batch_size=16, lr=0.5,
                     max_grad_norm=0.1, seed=0, quiet=True, cache_prefix=cache)
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -10,9 +10,11 @@ import timm.layers
 import torch
 import torch.nn as nn
 from fit_cases import NUM_CLASSES, easy_dataset
-from opacus import GradSampleModule
+from test_bookkeeping import hooks_reference as hooks_samples
+from test_bookkeeping import trainable
+from test_tangent_grad_samples import vmap_grad_samples
 from timm.models.deit import VisionTransformerDistilled
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, jvp
 from vit_cases import (  # noqa: F401 -- forbid_functorch_fallback: an autouse fixture
     BASE,
     forbid_functorch_fallback,
@@ -109,32 +111,6 @@ def test_deltas_are_named_and_shaped_as_the_source():
         assert extra <= deltas.keys()
 
 
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def hooks_samples(model: nn.Module, h: torch.Tensor, y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
-    """Per-example gradients from Opacus' hooks (sum reduction): {name: (B, *shape)}."""
-    gs_model = GradSampleModule(FromPrefix(model), loss_reduction="sum")
-    per_example_loss(gs_model(h), y, kind).sum().backward()
-    out = {n: p.grad_sample.detach().clone() for n, p in trainable(model).items()}
-    gs_model.to_standard_module()
-    for p in model.parameters():
-        p.grad = None
-    return out
-
-
-def vmap_samples(model: nn.Module, h: torch.Tensor, y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
-    view = FromPrefix(model)
-    params = {n: p.detach() for n, p in trainable(model).items()}
-
-    def loss(sub, h1, y1):
-        logits = functional_call(view, {f"model.{k}": v for k, v in sub.items()}, (h1[None],), strict=False)
-        return per_example_loss(logits, y1[None], kind).sum()
-
-    return vmap(grad(loss), in_dims=(None, 0, 0))(params, h, y)
-
-
 def assert_close(got: dict, want: dict, rtol: float) -> None:
     """Relative error over all parameters, and per parameter above round-off of the total."""
     total = torch.cat([w.flatten() for w in want.values()]).norm()
@@ -164,7 +140,7 @@ def test_hooks_match_vmap_grad(case, method, kind):
     model = build(case, method)
     h = model.prefix(images())
     y = torch.arange(N) % model.num_classes
-    assert_close(hooks_samples(model, h, y, kind), vmap_samples(model, h, y, kind), rtol=1e-9)
+    assert_close(hooks_samples(model, h, y, kind), vmap_grad_samples(model, h, y, kind), rtol=1e-9)
 
 
 def clipped_sum(samples: dict, clip: float) -> dict:

@@ -71,6 +71,28 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 1, 3, 2, 4).reshape(b, w * n, h * d)
 
 
+def _init_window_attention(module: nn.Module, source_layer: nn.Module, path: str) -> None:
+    """What every window attention here takes from timm's (v1 or v2): no dropout, heads, relative position index."""
+    require_no_dropout(source_layer.attn_drop, f"{path}.attn_drop")
+    require_no_dropout(source_layer.proj_drop, f"{path}.proj_drop")
+    module.num_heads = source_layer.num_heads
+    module.register_buffer("index", source_layer.relative_position_index.clone(), persistent=False)
+
+
+def _window_qkv(qkv: nn.Module, x: torch.Tensor, dx: Tangent, heads: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The tangent ``qkv`` on windows (B, windows, N, C), split: ((q, k, v), (dq, dk, dv)) each (B, windows, heads, N, D)."""
+    b, w, n, c = x.shape
+    t, dt = qkv(x.reshape(b, w * n, c), None if dx is None else dx.reshape(b, w * n, c))
+    return _split_heads(t, w, heads), _split_heads(dt, w, heads)
+
+
+def _window_proj(proj: nn.Module, out: torch.Tensor, d_out: torch.Tensor) -> Pair:
+    """The tangent ``proj`` of the heads' outputs (B, windows, heads, N, D), back to windows (B, windows, N, C)."""
+    b, w, _, n, _ = out.shape
+    y, dy = proj(_merge_heads(out), _merge_heads(d_out))
+    return y.view(b, w, n, -1), dy.view(b, w, n, -1)
+
+
 @register_tangent(swin.WindowAttention)
 class TangentWindowAttention(DeltaLeaf):
     r"""Linearization of window attention with a relative position bias table P around P0.
@@ -87,26 +109,19 @@ class TangentWindowAttention(DeltaLeaf):
 
     def __init__(self, source_layer: swin.WindowAttention, path: str) -> None:
         super().__init__(path)
-        require_no_dropout(source_layer.attn_drop, f"{path}.attn_drop")
-        require_no_dropout(source_layer.proj_drop, f"{path}.proj_drop")
-        self.num_heads = source_layer.num_heads
+        _init_window_attention(self, source_layer, path)
         self.scale = source_layer.scale
         self.table0 = frozen(source_layer.relative_position_bias_table)
-        self.register_buffer("index", source_layer.relative_position_index.clone(), persistent=False)
         self.qkv = to_tangent(source_layer.qkv, f"{path}.qkv")
         self.proj = to_tangent(source_layer.proj, f"{path}.proj")
         self.delta = PositionTable(torch.zeros_like(source_layer.relative_position_bias_table))
 
     def forward(self, x: torch.Tensor, dx: Tangent, mask: torch.Tensor | None) -> Pair:
-        b, w, n, c = x.shape
-        qkv, dqkv = self.qkv(x.reshape(b, w * n, c), None if dx is None else dx.reshape(b, w * n, c))
-        q, k, v = _split_heads(qkv, w, self.num_heads)
-        dq, dk, dv = _split_heads(dqkv, w, self.num_heads)
+        (q, k, v), (dq, dk, dv) = _window_qkv(self.qkv, x, dx, self.num_heads)
         d_bias = position_bias(self.delta(x), self.index).unsqueeze(1)
         out, d_out = attention_tangent(q, k, v, dq, dk, dv, self.scale, position_bias(self.table0, self.index),
                                        d_bias, _window_mask(mask))
-        y, dy = self.proj(_merge_heads(out), _merge_heads(d_out))
-        return y.view(b, w, n, -1), dy.view(b, w, n, -1)
+        return _window_proj(self.proj, out, d_out)
 
 
 class BatchFirstWindowAttention(nn.Module):
@@ -121,12 +136,9 @@ class BatchFirstWindowAttention(nn.Module):
 
     def __init__(self, source_layer: swin.WindowAttention, windows: int, path: str) -> None:
         super().__init__()
-        require_no_dropout(source_layer.attn_drop, f"{path}.attn_drop")
-        require_no_dropout(source_layer.proj_drop, f"{path}.proj_drop")
+        _init_window_attention(self, source_layer, path)
         self.windows = windows
-        self.num_heads = source_layer.num_heads
         self.scale = source_layer.scale
-        self.register_buffer("index", source_layer.relative_position_index.clone(), persistent=False)
         self.qkv, self.proj = source_layer.qkv, source_layer.proj
         self.table = PositionTable(source_layer.relative_position_bias_table)
 
@@ -158,21 +170,49 @@ class TokenRows(nn.Module):
 def batch_first(module: nn.Module, path: str) -> nn.Module:
     """``module`` changed in place for per-example gradients: a Swin block gets a
     :class:`BatchFirstWindowAttention`, a PatchMerging its reduction as :class:`TokenRows`."""
-    if isinstance(module, swin.SwinTransformerBlock):
-        _refuse_dynamic_mask(module, path)
+    return _batch_first(module, path, swin.SwinTransformerBlock, swin.PatchMerging, BatchFirstWindowAttention,
+                        "SwinTransformer")
+
+
+def _batch_first(module: nn.Module, path: str, block: type, merging: type, attention: type, model: str) -> nn.Module:
+    """:func:`batch_first` for the given block and merging classes, ``attention`` replacing a block's."""
+    if isinstance(module, block):
+        _refuse_dynamic_mask(module, path, model)
         (h, w), (wh, ww) = module.input_resolution, module.window_size
-        module.attn = BatchFirstWindowAttention(module.attn, -(-h // wh) * -(-w // ww), f"{path}.attn")
-    elif isinstance(module, swin.PatchMerging):
+        module.attn = attention(module.attn, -(-h // wh) * -(-w // ww), f"{path}.attn")
+    elif isinstance(module, merging):
         module.reduction = TokenRows(module.reduction)
     return module
 
 
-def _refuse_dynamic_mask(block: swin.SwinTransformerBlock, path: str) -> None:
+def _refuse_dynamic_mask(block: nn.Module, path: str, model: str = "SwinTransformer") -> None:
     if block.dynamic_mask:
         raise UnsupportedModelError(
-            f"'{path}': dynamic attention masks (SwinTransformer(strict_img_size=False) or "
+            f"'{path}': dynamic attention masks ({model}(strict_img_size=False) or "
             "dynamic_img_size=True) are not supported; create the model with a fixed image size."
         )
+
+
+class _WindowedBlock(nn.Module):
+    """What the tangent Swin blocks (v1 and v2) share: checks, the window re-indexing, the shift mask,
+    and the tangents of the sublayers ``layers`` (in that order, timm's)."""
+
+    def __init__(self, source_layer: nn.Module, path: str, model: str, layers: tuple[str, ...]) -> None:
+        super().__init__()
+        _refuse_dynamic_mask(source_layer, path, model)
+        require_no_dropout(source_layer.drop_path1, f"{path}.drop_path1")
+        require_no_dropout(source_layer.drop_path2, f"{path}.drop_path2")
+        self.windows = _Windows(tuple(source_layer.window_size), tuple(source_layer.shift_size))
+        mask = source_layer.attn_mask
+        self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
+        for name in layers:
+            setattr(self, name, to_tangent(getattr(source_layer, name), f"{path}.{name}"))
+
+    @staticmethod
+    def rows(x: torch.Tensor, dx: Tangent) -> tuple[torch.Tensor, Tangent, tuple[int, ...]]:
+        """A map (B, H, W, C) and its tangent as rows (B, H·W, C), and the map's shape."""
+        b, h, w, c = x.shape
+        return x.reshape(b, h * w, c), None if dx is None else dx.reshape(b, h * w, c), x.shape
 
 
 class _Windows:
@@ -207,7 +247,7 @@ class _Windows:
 
 
 @register_tangent(swin.SwinTransformerBlock)
-class TangentSwinBlock(nn.Module):
+class TangentSwinBlock(_WindowedBlock):
     r"""Linearization of ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on (B, H, W, C) maps.
 
     Derivation: residual sums add tangents, d(x + g(x)) = dx + g'(x)[dx]; the window
@@ -218,21 +258,10 @@ class TangentSwinBlock(nn.Module):
     """
 
     def __init__(self, source_layer: swin.SwinTransformerBlock, path: str) -> None:
-        super().__init__()
-        _refuse_dynamic_mask(source_layer, path)
-        require_no_dropout(source_layer.drop_path1, f"{path}.drop_path1")
-        require_no_dropout(source_layer.drop_path2, f"{path}.drop_path2")
-        self.windows = _Windows(tuple(source_layer.window_size), tuple(source_layer.shift_size))
-        mask = source_layer.attn_mask
-        self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
-        self.norm1 = to_tangent(source_layer.norm1, f"{path}.norm1")
-        self.attn = to_tangent(source_layer.attn, f"{path}.attn")
-        self.norm2 = to_tangent(source_layer.norm2, f"{path}.norm2")
-        self.mlp = to_tangent(source_layer.mlp, f"{path}.mlp")
+        super().__init__(source_layer, path, "SwinTransformer", ("norm1", "attn", "norm2", "mlp"))
 
     def forward(self, x: torch.Tensor, dx: Tangent) -> Pair:
-        b, h, w, c = x.shape
-        x, dx = x.reshape(b, h * w, c), None if dx is None else dx.reshape(b, h * w, c)
+        x, dx, (b, h, w, c) = self.rows(x, dx)
         y, dy = self.norm1(x, dx)
         y, dy = self.attn(self.windows.split(y, h, w), self.windows.split(dy, h, w), self.attn_mask)
         x, dx = x + self.windows.join(y, h, w), add_tangents(dx, self.windows.join(dy, h, w))
@@ -257,14 +286,18 @@ class TangentPatchMerging(nn.Module):
     tangents by the chain rule.
     """
 
-    def __init__(self, source_layer: swin.PatchMerging, path: str) -> None:
+    layers = ("norm", "reduction")  # applied in this order after the merge
+
+    def __init__(self, source_layer: nn.Module, path: str) -> None:
         super().__init__()
-        self.norm = to_tangent(source_layer.norm, f"{path}.norm")
-        self.reduction = to_tangent(source_layer.reduction, f"{path}.reduction")
+        for name in self.layers:
+            setattr(self, name, to_tangent(getattr(source_layer, name), f"{path}.{name}"))
 
     def forward(self, x: torch.Tensor, dx: Tangent) -> Pair:
         b, h, w, _ = x.shape
-        y, dy = self.reduction(*self.norm(_merge_2x2(x), None if dx is None else _merge_2x2(dx)))
+        y, dy = _merge_2x2(x), None if dx is None else _merge_2x2(dx)
+        for name in self.layers:
+            y, dy = getattr(self, name)(y, dy)
         shape = (b, (h + 1) // 2, (w + 1) // 2, -1)  # the (B, H·W, C) layout of the Δ layers, back to a map
         return y.view(shape), dy.view(shape)
 
@@ -298,7 +331,12 @@ def check_swin(model: nn.Module, caller: str) -> None:
     if type(model) is not swin.SwinTransformer:
         raise UnsupportedModelError(f"{caller}() takes a timm SwinTransformer here, got {describe(model)}.")
     head = model.head
-    if not isinstance(head, swin.ClassifierHead) or not isinstance(head.fc, nn.Linear):
+    _check_head(head, isinstance(head, swin.ClassifierHead) and isinstance(head.fc, nn.Linear), caller)
+
+
+def _check_head(head: nn.Module, linear: bool, caller: str) -> None:
+    """Refuse a head that is not (``linear``) a linear classifier after average pooling."""
+    if not linear:
         raise UnsupportedModelError(
             f"{caller}() needs a linear classifier head (num_classes > 0), got {describe(head)} at 'head'."
         )
@@ -323,9 +361,11 @@ class TangentSwin(TangentViT):
     those of :class:`~dp_taft.tangent.vit.TangentViT`; built by :func:`dp_taft.linearize`.
     """
 
+    _check = staticmethod(check_swin)
+
     def __init__(self, model: swin.SwinTransformer, blocks: int) -> None:
         nn.Module.__init__(self)  # TangentViT's own constructor builds a ViT suffix
-        check_swin(model, "linearize")
+        self._check(model, "linearize")
         prefix = copy.deepcopy(model)
         suffix = cut_swin(prefix, blocks)
         self.num_blocks = blocks

@@ -21,7 +21,6 @@ that Δ, which is that example's gradient, and Opacus' hooks / the book-keeping 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import timm.models.swin_transformer_v2 as swin2
@@ -36,19 +35,21 @@ from .registry import (
     UnsupportedModelError,
     describe,
     register_tangent,
-    require_no_dropout,
     to_tangent,
 )
 from .swin import (
     PositionTable,
+    TangentPatchMerging,
     TangentSwin,
-    TokenRows,
-    _merge_2x2,
+    _batch_first,
+    _check_head,
+    _init_window_attention,
     _merge_heads,
     _split_heads,
     _window_mask,
-    _Windows,
-    cut_swin,
+    _window_proj,
+    _window_qkv,
+    _WindowedBlock,
     position_bias,
 )
 from .vit import MODEL_FAMILIES
@@ -99,12 +100,9 @@ class TangentWindowAttentionV2(DeltaLeaf):
 
     def __init__(self, source_layer: swin2.WindowAttention, path: str) -> None:
         super().__init__(path)
-        require_no_dropout(source_layer.attn_drop, f"{path}.attn_drop")
-        require_no_dropout(source_layer.proj_drop, f"{path}.proj_drop")
-        self.num_heads = source_layer.num_heads
+        _init_window_attention(self, source_layer, path)
         self.logit_scale0 = frozen(source_layer.logit_scale)
         self.register_buffer("coords", _coords(source_layer).clone(), persistent=False)
-        self.register_buffer("index", source_layer.relative_position_index.clone(), persistent=False)
         self.qkv = TangentBiasedQKV(source_layer, path)
         self.cpb1 = to_tangent(source_layer.cpb_mlp[0], f"{path}.cpb_mlp.0")
         self.cpb2 = to_tangent(source_layer.cpb_mlp[2], f"{path}.cpb_mlp.2")
@@ -122,10 +120,8 @@ class TangentWindowAttentionV2(DeltaLeaf):
         return bias, position_bias(16 * table * (1 - table) * d_table, self.index).unsqueeze(1)
 
     def forward(self, x: torch.Tensor, dx: Tangent, mask: torch.Tensor | None) -> Pair:
-        b, w, n, c = x.shape
-        qkv, dqkv = self.qkv(x.reshape(b, w * n, c), None if dx is None else dx.reshape(b, w * n, c))
-        q, k, v = _split_heads(qkv, w, self.num_heads)
-        dq, dk, dv = _split_heads(dqkv, w, self.num_heads)
+        b = x.shape[0]
+        (q, k, v), (dq, dk, dv) = _window_qkv(self.qkv, x, dx, self.num_heads)
         q, dq = normalize_tangent(q, dq)
         k, dk = normalize_tangent(k, dk)
         live = self.logit_scale0 <= MAX_LOGIT_SCALE
@@ -134,20 +130,11 @@ class TangentWindowAttentionV2(DeltaLeaf):
         bias, d_bias = self._position_bias(b)
         d_bias = torch.addcmul(d_bias, d_scale, q @ k.transpose(-2, -1))  # + ds·q̂ k̂ᵀ
         out, d_out = attention_tangent(q, k, v, dq, dk, dv, scale, bias, d_bias, _window_mask(mask))
-        y, dy = self.proj(_merge_heads(out), _merge_heads(d_out))
-        return y.view(b, w, n, -1), dy.view(b, w, n, -1)
-
-
-def _refuse_dynamic_mask(block: nn.Module, path: str) -> None:
-    if block.dynamic_mask:
-        raise UnsupportedModelError(
-            f"'{path}': dynamic attention masks (SwinTransformerV2(strict_img_size=False) or "
-            "dynamic_img_size=True) are not supported; create the model with a fixed image size."
-        )
+        return _window_proj(self.proj, out, d_out)
 
 
 @register_tangent(swin2.SwinTransformerV2Block)
-class TangentSwinBlockV2(nn.Module):
+class TangentSwinBlockV2(_WindowedBlock):
     r"""Linearization of the res-post-norm block ``x + norm1(attn(x))`` then ``x + norm2(mlp(x))``.
 
     Derivation: d(x + n(g(x))) = dx + n'(g(x))[g'(x)[dx]] (+ the Δ terms of n and g), the
@@ -156,21 +143,10 @@ class TangentSwinBlockV2(nn.Module):
     """
 
     def __init__(self, source_layer: swin2.SwinTransformerV2Block, path: str) -> None:
-        super().__init__()
-        _refuse_dynamic_mask(source_layer, path)
-        require_no_dropout(source_layer.drop_path1, f"{path}.drop_path1")
-        require_no_dropout(source_layer.drop_path2, f"{path}.drop_path2")
-        self.windows = _Windows(tuple(source_layer.window_size), tuple(source_layer.shift_size))
-        mask = source_layer.attn_mask
-        self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
-        self.attn = to_tangent(source_layer.attn, f"{path}.attn")
-        self.norm1 = to_tangent(source_layer.norm1, f"{path}.norm1")
-        self.mlp = to_tangent(source_layer.mlp, f"{path}.mlp")
-        self.norm2 = to_tangent(source_layer.norm2, f"{path}.norm2")
+        super().__init__(source_layer, path, "SwinTransformerV2", ("attn", "norm1", "mlp", "norm2"))
 
     def forward(self, x: torch.Tensor, dx: Tangent) -> Pair:
-        b, h, w, c = x.shape
-        x, dx = x.reshape(b, h * w, c), None if dx is None else dx.reshape(b, h * w, c)
+        x, dx, (b, h, w, c) = self.rows(x, dx)
         dy = None if dx is None else self.windows.split(dx, h, w)
         y, dy = self.attn(self.windows.split(x, h, w), dy, self.attn_mask)
         y, dy = self.norm1(self.windows.join(y, h, w), self.windows.join(dy, h, w))
@@ -180,61 +156,28 @@ class TangentSwinBlockV2(nn.Module):
 
 
 @register_tangent(swin2.PatchMerging)
-class TangentPatchMergingV2(nn.Module):
+class TangentPatchMergingV2(TangentPatchMerging):
     r"""Linearization of ``norm(reduction(merge(x)))``: merge is linear and parameter-free
     (d merge(x)[dx] = merge(dx)), then the Linear and LayerNorm tangents by the chain rule."""
 
-    def __init__(self, source_layer: swin2.PatchMerging, path: str) -> None:
-        super().__init__()
-        self.reduction = to_tangent(source_layer.reduction, f"{path}.reduction")
-        self.norm = to_tangent(source_layer.norm, f"{path}.norm")
-
-    def forward(self, x: torch.Tensor, dx: Tangent) -> Pair:
-        b, h, w, _ = x.shape
-        y, dy = self.norm(*self.reduction(_merge_2x2(x), None if dx is None else _merge_2x2(dx)))
-        shape = (b, (h + 1) // 2, (w + 1) // 2, -1)
-        return y.view(shape), dy.view(shape)
+    layers = ("reduction", "norm")
 
 
 def check_swin_v2(model: nn.Module, caller: str) -> None:
     """Refuse a Swin v2 model whose head the suffix cannot represent (average-pooled linear classifier)."""
     if type(model) is not swin2.SwinTransformerV2:
         raise UnsupportedModelError(f"{caller}() takes a timm SwinTransformerV2 here, got {describe(model)}.")
-    head = model.head
-    if not isinstance(getattr(head, "fc", None), nn.Linear):
-        raise UnsupportedModelError(
-            f"{caller}() needs a linear classifier head (num_classes > 0), got {describe(head)} at 'head'."
-        )
-    pool = head.global_pool
-    if head.use_conv or getattr(pool, "pool_type", None) != "avg" or not isinstance(head.flatten, nn.Identity):
-        raise UnsupportedModelError(
-            f"'head.global_pool' ({describe(pool)}, pool_type={getattr(pool, 'pool_type', None)!r}) is not "
-            "supported: only global_pool='avg' with a linear head is."
-        )
-    require_no_dropout(head.drop, "head.drop")
+    _check_head(model.head, isinstance(getattr(model.head, "fc", None), nn.Linear), caller)
 
 
 class TangentSwinV2(TangentSwin):
     r"""First-order Taylor expansion of a timm SwinTransformerV2 around w0 (TAFT-k).
 
     As :class:`~dp_taft.tangent.swin.TangentSwin` (same suffix cut, final norm, average
-    pooling and head; its ``forward_dual``), with the v2 blocks and mergings above.
+    pooling and head; its constructor and ``forward_dual``), with the v2 blocks and mergings above.
     """
 
-    def __init__(self, model: swin2.SwinTransformerV2, blocks: int) -> None:
-        nn.Module.__init__(self)
-        check_swin_v2(model, "linearize")
-        prefix = copy.deepcopy(model)
-        suffix = cut_swin(prefix, blocks)
-        self.num_blocks = blocks
-        self.num_classes = model.num_classes
-        self.blocks = nn.ModuleList(to_tangent(module, path) for path, module in suffix)
-        self.norm = to_tangent(model.norm, "norm")
-        self.head = to_tangent(model.head.fc, "head.fc")
-        prefix.norm = nn.Identity()
-        prefix.head = nn.Identity()
-        prefix.requires_grad_(False)
-        self.frozen_prefix = prefix.eval()
+    _check = staticmethod(check_swin_v2)
 
 
 MODEL_FAMILIES[swin2.SwinTransformerV2] = TangentSwinV2
@@ -251,11 +194,9 @@ class BatchFirstWindowAttentionV2(nn.Module):
 
     def __init__(self, source_layer: swin2.WindowAttention, windows: int, path: str) -> None:
         super().__init__()
-        require_no_dropout(source_layer.attn_drop, f"{path}.attn_drop")
-        require_no_dropout(source_layer.proj_drop, f"{path}.proj_drop")
-        self.windows, self.num_heads = windows, source_layer.num_heads
+        _init_window_attention(self, source_layer, path)
+        self.windows = windows
         self.register_buffer("coords", _coords(source_layer).clone(), persistent=False)
-        self.register_buffer("index", source_layer.relative_position_index.clone(), persistent=False)
         self.qkv, self.proj, self.cpb_mlp = source_layer.qkv, source_layer.proj, source_layer.cpb_mlp
         self.q_bias = None if source_layer.q_bias is None else PositionTable(source_layer.q_bias)
         self.v_bias = None if source_layer.v_bias is None else PositionTable(source_layer.v_bias)
@@ -280,10 +221,5 @@ class BatchFirstWindowAttentionV2(nn.Module):
 def batch_first_v2(module: nn.Module, path: str) -> nn.Module:
     """``module`` changed in place for per-example gradients: a v2 block gets a
     :class:`BatchFirstWindowAttentionV2`, a v2 PatchMerging its reduction as :class:`TokenRows`."""
-    if isinstance(module, swin2.SwinTransformerV2Block):
-        _refuse_dynamic_mask(module, path)
-        (h, w), (wh, ww) = module.input_resolution, module.window_size
-        module.attn = BatchFirstWindowAttentionV2(module.attn, -(-h // wh) * -(-w // ww), f"{path}.attn")
-    elif isinstance(module, swin2.PatchMerging):
-        module.reduction = TokenRows(module.reduction)
-    return module
+    return _batch_first(module, path, swin2.SwinTransformerV2Block, swin2.PatchMerging, BatchFirstWindowAttentionV2,
+                        "SwinTransformerV2")
