@@ -2,11 +2,10 @@
 
 Five frozen groups, :class:`MethodOptions` (the model to build), :class:`PrivacyOptions`,
 :class:`OptimOptions`, :class:`DataOptions` and :class:`RunOptions`, hold every option of
-:func:`dp_taft.fit` and :func:`dp_taft.finetune`. Each option has a flat name unique across
-the groups (``lr``), also written ``group.name`` (``optim.lr``): :data:`OPTIONS` maps one to
-the other; each field's metadata holds its ``"doc"`` and, for a value from a list, ``"choices"``.
-Types and choices are checked when a group is made; ranges and whatever needs the data stay
-in ``fit``'s checks (:mod:`dp_taft.privacy.validate`), which :meth:`TrainConfig.validate` runs early.
+:func:`dp_taft.fit` and :func:`dp_taft.finetune`, each with a flat name unique across the groups
+(``lr``), also ``group.name`` (``optim.lr``; :data:`OPTIONS` maps them), its ``"doc"`` and ``"choices"``.
+Types and choices are checked when a group is made; ranges and data checks are ``fit``'s
+(:mod:`dp_taft.privacy.validate`; :meth:`TrainConfig.validate` runs them early).
 
 Serialised form (``to_dict``, TOML tables ``[method] [privacy] [optim] [data] [run]``,
 ``--set KEY=VALUE``): TOML has no null, so None is left out (every option that may be None
@@ -34,6 +33,7 @@ import torch
 
 from .averaging import AVERAGING
 from .losses import LOSSES
+from .privacy.precision import PRECISIONS
 from .privacy.prefix_cache import STORAGE_DTYPES, CacheSpec
 from .privacy.validate import GRAD_SAMPLE_MODES, check_arguments, check_choice, check_int, check_real
 from .schedules import SCHEDULES
@@ -45,7 +45,6 @@ __all__ = ["TrainConfig", "MethodOptions", "PrivacyOptions", "OptimOptions", "Da
 
 class Required(enum.Enum):
     """Type of :data:`REQUIRED`: an option that has no default and must be given."""
-
     REQUIRED = "required"
 
     def __repr__(self) -> str:
@@ -69,8 +68,7 @@ _NONE = "none"  # how the serialised form spells None
 
 def _option(default: Any, doc: str, *, choices: Sequence[Any] | None = None,
             normalise: Callable[[Any], Any] | None = None, typed: bool = True) -> Any:
-    """A field with its documentation; ``normalise`` maps equivalent inputs to one stored value
-    (e.g. a str path to a Path); ``typed`` False leaves the check to the group's own."""
+    """A documented field; ``normalise`` maps inputs to one stored value; ``typed`` False: the group checks it."""
     return field(default=default, metadata={"doc": doc, "choices": choices, "normalise": normalise, "typed": typed})
 
 
@@ -188,7 +186,7 @@ class OptimOptions(_Group):
 @_documented
 @dataclass(frozen=True)
 class DataOptions(_Group):
-    """How the data reaches the model: physical batches, per-sample gradients, the frozen-prefix cache."""
+    """How the data reaches the model: physical batches, per-sample gradients, the prefix cache, precision."""
 
     physical_batch_size: int | None = _option(None, "largest batch run at once (memory), >= 1; None: batch_size.")
     grad_sample_mode: str = _option("auto", "'auto': 'bk' (book-keeping) where it applies, else 'hooks' (Opacus' "
@@ -207,6 +205,8 @@ class DataOptions(_Group):
         "a torch dtype is stored as its name.",
         normalise=lambda v: _DTYPE_NAMES.get(v, v) if isinstance(v, torch.dtype) else v, typed=False)
     num_workers: int = _option(0, "DataLoader worker processes (>= 0).")
+    precision: str = _option("fp32", "'fp32', or 'bf16': forward and backward under autocast, per-sample norms, "
+                             "clipping, noise and update in fp32 (dp_taft.privacy.precision).", choices=tuple(PRECISIONS))
 
     def __post_init__(self) -> None:
         super().__post_init__()

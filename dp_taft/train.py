@@ -38,7 +38,9 @@ from .privacy.engine import GradSampleHook, PrivateEngine
 from .privacy.loop import EpochLoop, RunState
 from .privacy.plan import Plan, open_ledger
 from .privacy.randomness import NoiseStream
+from .privacy.precision import autocast
 from .privacy.prefix_cache import CacheSpec
+from .privacy.rank_rows import RankRows, own_rows
 from .privacy.validate import check_arguments, check_data, require_trainable, resolve_grad_sample_mode
 
 __all__ = ["fit", "evaluate", "FitResult", "EpochRecord", "OPTIMIZERS", "ACCOUNTANTS"]
@@ -163,7 +165,7 @@ def fit(
     # ---- 3. the private engine
     model.to(device)
     use_cache = augment is None and hasattr(model, "prefix") and hasattr(model, "forward_from_prefix")
-    train_data, eval_data, module = _training_view(model, dataset, eval_set, use_cache, physical, device, args)
+    train_data, eval_data, module = _training_view(model, dataset, eval_set, use_cache, physical, device, comm, args)
     noise = NoiseStream(device, args["secure_mode"])
     engine = PrivateEngine.build(
         model, module, OPTIMIZERS[args["optimizer"]](params, args["lr"], args["momentum"], args["weight_decay"]),
@@ -171,6 +173,7 @@ def fit(
         max_grad_norm=None if plan.epsilon is None else plan.max_grad_norm,
         expected_batch_size=sample_rate * len(dataset), noise=noise, hook=grad_sample_hook, comm=comm,
         normalize=(plan.max_grad_norm, args["clipping_gamma"]) if args["clipping"] == "automatic" else None,
+        precision=args["precision"],
     )
     post = StepPostProcessing.build(engine, params, plan, args["lr_schedule"], args["warmup"], args["averaging"],
                                     args["tail_fraction"], args["ema_decay"])
@@ -197,8 +200,7 @@ def fit(
             started = time.perf_counter()
             stopped = loop.run(run, train_data, f"epoch {run.epoch + 1}/{plan.epochs}", save)
             with post.evaluated():
-                history.append(_epoch_record(run, module, eval_data, args["criterion"], physical, device, ledger,
-                                             started))
+                history.append(_epoch_record(run, module, eval_data, args, physical, device, comm, ledger, started))
             if not args["quiet"]:
                 tqdm.write(_describe(history[-1], plan.epochs, args["show_train_loss"]))
             if not stopped:
@@ -254,24 +256,33 @@ def _prior_history(prior: Sequence[accounting.Segment] | accounting.PrivacyRepor
 
 
 def _training_view(model: nn.Module, dataset: Dataset, eval_set: Dataset | None, use_cache: bool, physical: int,
-                   device: torch.device, args: dict[str, Any]) -> tuple[Dataset, Dataset | None, nn.Module]:
-    """(indexed training data, evaluation data, module to train): from cached prefix outputs
-    through :class:`FromPrefix` when ``use_cache`` and fit's cache options (``args``) allow it,
-    else the images through ``model``."""
+                   device: torch.device, comm: Comm, args: dict[str, Any]) -> tuple[Dataset, Dataset | None, nn.Module]:
+    """(indexed training data, this rank's evaluation rows, module to train): from cached prefix
+    outputs through :class:`FromPrefix` when ``use_cache`` and fit's cache options (``args``)
+    allow it, else the images through ``model``. In a data-parallel run each rank caches and
+    evaluates only its own rows (:mod:`~dp_taft.privacy.rank_rows`)."""
+    if len(dataset) < comm.world:
+        raise ValueError(f"{len(dataset)} training examples for {comm.world} ranks: each rank samples its own "
+                         "positions and needs at least one; use fewer processes")
     spec = CacheSpec.parse(args["cache_prefix"], args["cache_dir"], args["cache_dtype"])
     if not use_cache or spec is None:
-        return Indexed(dataset), eval_set, model
+        return Indexed(dataset), None if eval_set is None else own_rows(eval_set, comm), model
     model.eval()
-    cached = cache_prefix(model, dataset, batch_size=physical, device=device, quiet=args["quiet"], desc="train",
-                          spec=spec)
-    cached_eval = None if eval_set is None else cache_prefix(
-        model, eval_set, batch_size=physical, device=device, quiet=args["quiet"], desc="eval", spec=spec)
-    return Indexed(cached), cached_eval, FromPrefix(model)
+    cache = dict(batch_size=physical, device=device, quiet=args["quiet"], spec=spec, precision=args["precision"],
+                 comm=comm)
+    cached = cache_prefix(model, dataset, desc="train", **cache)
+    cached_eval = None if eval_set is None else cache_prefix(model, eval_set, desc="eval", **cache)
+    train = RankRows(cached, comm, len(dataset)) if comm.distributed else cached
+    return Indexed(train), cached_eval, FromPrefix(model)
 
 
-def _epoch_record(run: RunState, module: nn.Module, eval_data: Dataset | None, criterion: nn.Module, physical: int,
-                  device: torch.device, ledger: Any, started: float) -> EpochRecord:
-    eval_loss, eval_acc = (None, None) if eval_data is None else evaluate(module, eval_data, criterion, physical, device)
+def _epoch_record(run: RunState, module: nn.Module, eval_data: Dataset | None, args: dict[str, Any], physical: int,
+                  device: torch.device, comm: Comm, ledger: Any, started: float) -> EpochRecord:
+    eval_loss, eval_acc = None, None
+    if eval_data is not None:  # each rank's rows, summed over the ranks
+        sums = comm.gather(_eval_sums(module, eval_data, args["criterion"], physical, device, args["precision"]))
+        loss_sum, correct, count = map(sum, zip(*sums))
+        eval_loss, eval_acc = loss_sum / count, correct / count
     loss_sum, seen = run.partial_loss
     return EpochRecord(
         epoch=run.epoch, train_loss=loss_sum / seen if seen else math.nan, eval_loss=eval_loss, eval_accuracy=eval_acc,
@@ -308,19 +319,28 @@ def _load_trainable(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
             p.copy_(saved[k])
 
 
-@torch.no_grad()
 def evaluate(module: nn.Module, data: Dataset, criterion: nn.Module, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy in [0, 1]) of ``module`` on ``data`` of (input, label), in eval mode."""
+             device: torch.device, precision: str = "fp32") -> tuple[float, float]:
+    """(mean loss, accuracy in [0, 1]) of ``module`` on ``data`` of (input, label), in eval mode,
+    under ``precision``'s autocast ("fp32": none)."""
+    loss_sum, correct, count = _eval_sums(module, data, criterion, batch_size, device, precision)
+    return loss_sum / count, correct / count
+
+
+@torch.no_grad()
+def _eval_sums(module: nn.Module, data: Dataset, criterion: nn.Module, batch_size: int, device: torch.device,
+               precision: str) -> tuple[float, int, int]:
+    """(summed loss, correct predictions, examples) of ``module`` on ``data``."""
     module.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_examples):
         x, y = x.to(device), y.to(device)
-        logits = module(x)
-        loss_sum += float(criterion(logits, y)) * len(y)
+        with autocast(device, precision):
+            logits = module(x)
+            loss_sum += float(criterion(logits, y)) * len(y)
         correct += int((logits.argmax(dim=1) == y).sum())
         count += len(y)
-    return loss_sum / count, correct / count
+    return loss_sum, correct, count
 
 
 def _describe(r: EpochRecord, epochs: int, show_loss: bool) -> str:

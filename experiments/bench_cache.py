@@ -49,7 +49,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dp_taft import fit, methods
-from dp_taft.privacy.prefix_cache import RAM_FRACTION, CacheSpec, available_memory, build_prefix_cache
+from dp_taft.privacy.memory import available_memory
+from dp_taft.privacy.prefix_cache import RAM_FRACTION, CacheSpec, build_prefix_cache
 
 IMAGE, PATCH, WIDTH, HEADS = 224, 16, 384, 6
 TOKENS = (IMAGE // PATCH) ** 2 + 1

@@ -4,7 +4,8 @@
 
 MODE "shards": fit_shards over the ranks (shard s on rank s mod 2), then a removal; every
 rank saves each shard's Δw and which shards it trained itself. MODE "train": private TAFT-1 on the easy task with checkpoints (book-keeping clipping);
-every rank saves its trainable weights, report and last eval accuracy to OUT/rank<r>.pt.
+every rank saves its trainable weights, report, last eval accuracy and the number of examples
+it sent through the frozen prefix to OUT/rank<r>.pt; --cache-dir DIR keeps the prefix cache there.
 With --count (hooks mode), rank 0 appends one line per executed step to
 OUT/executed.txt; with --die-after K also, rank 1 kills itself (SIGKILL) before step K+1.
 With --rank0 fail|hang (and --die-after K), rank 0 alone fails and its process stays alive:
@@ -34,6 +35,7 @@ from fit_cases import easy_dataset, tiny_vit, trainable_state  # noqa: E402
 # A fixed seed keeps the accuracy check deterministic; the noise job below runs on secret keys.
 TRAIN = dict(epsilon=8.0, delta=1e-4, epochs=3, batch_size=40, lr=0.5, max_grad_norm=1.0, checkpoint_every=3, seed=11)
 SHARDS = dict(epsilon=4.0, delta=1e-3, epochs=1, batch_size=5, lr=0.2, quiet=True)
+PREFIX_EXAMPLES = [0]
 NOISE = dict(epsilon=2.0, delta=1e-3, epochs=1, batch_size=96, lr=1.0, momentum=0.0, max_grad_norm=0.5)
 
 
@@ -51,7 +53,8 @@ def _rank0_fails(die_after: int) -> None:
     Ledger.reserve = full_disk
 
 
-def _train(out: Path, die_after: int | None, count_steps: bool, rank0: str | None = None) -> dp_taft.FitResult:
+def _train(out: Path, die_after: int | None, count_steps: bool, rank0: str | None = None,
+           cache_dir: Path | None = None) -> dp_taft.FitResult:
     rank, steps = int(os.environ["RANK"]), [0]  # fit initialises the process group itself
     if rank == 0 and rank0 == "fail":
         _rank0_fails(die_after)
@@ -68,8 +71,17 @@ def _train(out: Path, die_after: int | None, count_steps: bool, rank0: str | Non
 
     # Without --count no hook is needed, and fit's default book-keeping clipping runs
     # distributed; with it, the counting hook selects Opacus' per-sample hooks.
-    return dp_taft.fit(taft(tiny_vit(), 1), easy_dataset(400), eval_set=easy_dataset(150, seed=1), quiet=True,
-                       checkpoint_dir=out / "ckpt", grad_sample_hook=count if count_steps else None, **TRAIN)
+    model = taft(tiny_vit(), 1)
+    prefix, PREFIX_EXAMPLES[0] = model.prefix, 0
+
+    def counted_prefix(x):  # examples this rank sends through the frozen prefix (cache builds)
+        PREFIX_EXAMPLES[0] += len(x)
+        return prefix(x)
+
+    model.prefix = counted_prefix
+    return dp_taft.fit(model, easy_dataset(400), eval_set=easy_dataset(150, seed=1), quiet=True,
+                       checkpoint_dir=out / "ckpt", grad_sample_hook=count if count_steps else None,
+                       cache_dir=cache_dir, **TRAIN)
 
 
 def _noise() -> dp_taft.FitResult:
@@ -109,6 +121,7 @@ def main() -> None:
     p.add_argument("--die-after", type=int)
     p.add_argument("--count", action="store_true", help="count executed steps (hooks mode)")
     p.add_argument("--rank0", choices=("fail", "hang"), help="rank 0 alone fails after --die-after steps")
+    p.add_argument("--cache-dir", type=Path, help="train: the prefix cache's directory (shared by the ranks)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.mode == "shards":
@@ -122,11 +135,12 @@ def main() -> None:
                 time.sleep(600)  # a process that lives on (a script that catches the error, a hung disk)
             raise
         return
-    result = _train(args.out, args.die_after, args.count or args.die_after is not None) if args.mode == "train" else _noise()
+    result = (_train(args.out, args.die_after, args.count or args.die_after is not None, cache_dir=args.cache_dir)
+              if args.mode == "train" else _noise())
     torch.save({"trainable": trainable_state(result.model), "world": dist.get_world_size(),
                 "report": None if result.report is None else result.report.to_json(),
                 "steps": result.steps, "accuracy": result.history[-1].eval_accuracy,
-                "noise_multiplier": result.noise_multiplier},
+                "noise_multiplier": result.noise_multiplier, "prefix_examples": PREFIX_EXAMPLES[0]},
                args.out / f"rank{dist.get_rank()}.pt")
 
 

@@ -22,7 +22,7 @@ import dp_taft
 from dp_taft.methods import taft
 from dp_taft.privacy.checkpoint import LEDGER_FILE, Ledger
 from distributed_job import NOISE, SHARDS, TRAIN, shard_task
-from fit_cases import easy_dataset, tiny_vit
+from fit_cases import easy_dataset, tiny_vit, trainable_state
 
 JOB = Path(__file__).with_name("distributed_job.py")
 
@@ -67,6 +67,54 @@ def test_report_equals_the_single_process_report_for_the_same_plan(trained):
     assert report.history == reference.history  # same q, σ and T
     assert report.epsilon == reference.epsilon <= TRAIN["epsilon"]
     assert a["steps"] == report.steps == 3 * 10
+
+
+def test_weights_equal_the_single_process_run_with_the_same_seed(trained):
+    # Every rank draws the coin flips of all N examples and keeps its own, and rank 0 draws the
+    # single process's noise: the same batches and noise; only the order of float sums differs.
+    distributed = ranks(trained)[0]["trainable"]
+    reference = trainable_state(single_process(seed=TRAIN["seed"]).model)
+    assert distributed.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(distributed[k], reference[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_each_rank_caches_only_its_rows_and_a_shared_cache_dir_is_reused(tmp_path):
+    cache = tmp_path / "cache"
+    first = launch(tmp_path / "first", "train", "--cache-dir", str(cache))  # both ranks build in cache at once
+    assert first.returncode == 0, first.stderr[-3000:]
+    built = ranks(tmp_path / "first")
+    assert [r["prefix_examples"] for r in built] == [200 + 75, 200 + 75]  # half the training and eval examples
+    single = single_process(seed=TRAIN["seed"], cache_dir=tmp_path / "single")
+    whole = sorted(p.stat().st_size for p in (tmp_path / "single").glob("*.bin"))  # eval, train
+    stored = {m.name: torch.load(m, weights_only=True)["labels"] for m in cache.glob("*.meta.pt")}
+    assert sorted(len(y) for y in stored.values()) == [75, 75, 200, 200]  # train and eval, one part per rank
+    labels = easy_dataset(400).tensors[1]
+    for name, y in stored.items():
+        rank = int(name.split("-")[1].removeprefix("w2r"))  # <group>-w2r<rank>-<hash>.meta.pt
+        if len(y) == 200:  # this rank's training rows: its block of positions
+            assert torch.equal(y, labels[200 * rank:200 * (rank + 1)])
+    parts = sorted(p.stat().st_size for p in cache.glob("*.bin"))
+    assert [2 * size for size in parts] == [whole[0], whole[0], whole[1], whole[1]]  # each: half of one process's
+    second = launch(tmp_path / "second", "train", "--cache-dir", str(cache))
+    assert second.returncode == 0, second.stderr[-3000:]
+    reused = ranks(tmp_path / "second")
+    assert [r["prefix_examples"] for r in reused] == [0, 0]
+    assert all(torch.equal(reused[0]["trainable"][k], built[0]["trainable"][k]) for k in built[0]["trainable"])
+    for k, v in trainable_state(single.model).items():
+        torch.testing.assert_close(built[0]["trainable"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_cache_of_another_world_size_is_computed_again_and_said(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    assert launch(tmp_path / "ranks", "train", "--cache-dir", str(cache)).returncode == 0
+    with caplog.at_level("INFO", logger="dp_taft.privacy.prefix_cache"):
+        single = single_process(seed=TRAIN["seed"], cache_dir=cache)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "other rank layouts (w2r0, w2r1" in said and "computing this rank's rows again" in said
+    reference = single_process(seed=TRAIN["seed"])
+    assert all(torch.equal(a, b) for a, b in zip(trainable_state(single.model).values(),
+                                                  trainable_state(reference.model).values()))
 
 
 def test_accuracy_matches_the_single_process_run_within_noise(trained):

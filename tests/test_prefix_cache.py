@@ -22,7 +22,8 @@ import torch
 
 import dp_taft
 from dp_taft.methods import LinearProbe, NLFTViT, linear_probe, nlft, taft
-from dp_taft.privacy import prefix_cache
+from dp_taft.privacy import memory, prefix_cache
+from dp_taft.privacy.distributed import Comm
 from dp_taft.privacy.prefix_cache import CacheSpec, build_prefix_cache
 from dp_taft.privacy.prefix_keys import CacheKey, load_salt, prefix_fingerprint, tensor_digest
 from dp_taft.tangent import TangentViT
@@ -110,7 +111,7 @@ def test_an_interrupted_build_is_never_reused(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     salt = load_salt(tmp_path)
     key = CacheKey.of(salt, model, len(TRAIN), torch.float32)
-    stale = tmp_path / f"{key.group}.{socket.gethostname()}.{int(dead.stdout)}.part"
+    stale = tmp_path / f"{key.layout}.{socket.gethostname()}.{int(dead.stdout)}.part"
     stale.write_bytes(b"torn")
     model = counted(taft(tiny_vit(), 1))
     dp_taft.fit(model, TRAIN, cache_dir=tmp_path, **FIT)
@@ -281,8 +282,24 @@ def test_auto_maps_a_temporary_file_when_memory_is_short_and_says_so(monkeypatch
     assert loss == ram_loss and all(torch.equal(state[k], ram_state[k]) for k in state)
 
 
+def test_ranks_on_one_machine_share_its_memory(monkeypatch, caplog):
+    """A rank's part needs half of TRAIN's 208,896 bytes; 300 kB fit one part, not each of 4 ranks' parts."""
+    monkeypatch.setattr(prefix_cache, "available_memory", lambda: 300_000)
+    rank = Comm(rank=1, world=2)
+    for local, where in (("1", "in RAM"), ("4", "memory-mapped file")):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=prefix_cache.__name__):
+            part = build_prefix_cache(taft(tiny_vit(), 1).eval(), TRAIN, CacheSpec(), batch_size=32, device=CPU,
+                                      quiet=True, desc="train", comm=rank)
+        assert len(part) == 48 and torch.equal(part.y, TRAIN.tensors[1][48:])  # its block: the second half
+        (message,) = _messages(caplog)
+        assert message.startswith("prefix cache (train, rank 1 of 2: 48 of 96 examples): 48 x (17, 32)")
+        assert where in message and ("this rank's 1/4 of" in message) == (local == "4")
+
+
 def test_available_memory_reads_meminfo():
-    free = prefix_cache.available_memory()
+    free = memory.available_memory()
     assert free is None or 0 < free <= 1 << 50
 
 

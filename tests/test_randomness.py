@@ -13,8 +13,11 @@ from scipy import stats
 import dp_taft
 from dp_taft.methods import linear_probe, taft
 from dp_taft.privacy.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from dp_taft.privacy.data import poisson_sampler
+from dp_taft.privacy.distributed import Comm
 from dp_taft.privacy.randomness import (NoiseStream, PoissonSampler, csprng_uniform, noise_optimizer_class, philox_state,
                                        secure_normal)
+from dp_taft.privacy.rank_rows import block
 from fit_cases import easy_dataset, tiny_vit, trainable_state
 
 DATA = easy_dataset(96)
@@ -86,7 +89,7 @@ def test_optimizer_adds_noise_of_std_sigma_times_c(secure):
 
 
 def test_secure_poisson_sampler_includes_each_example_with_probability_q():
-    sampler = PoissonSampler(torch.arange(1000), num_samples=1000, sample_rate=0.1, steps=200, rng=None)
+    sampler = PoissonSampler(range(1000), num_samples=1000, sample_rate=0.1, steps=200, rng=None)
     sizes = [len(b) for b in sampler]
     assert len(sizes) == 200 and all(0 <= s <= 1000 for s in sizes)
     assert sum(sizes) / 200 == pytest.approx(100, rel=0.03)  # sd of the mean: 9.5/sqrt(200) = 0.67
@@ -94,12 +97,29 @@ def test_secure_poisson_sampler_includes_each_example_with_probability_q():
     assert 0 <= u.min() and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-4
 
 
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_ranks_keyed_alike_draw_the_single_process_batches_between_them(world):
+    """Each rank jumps over the others' coin flips: the union of the ranks' batches, step by
+    step (a resumed epoch's skip included), is the batch one process draws."""
+    def batches(comm, skip):
+        rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([7, 1, 0])))
+        return list(poisson_sampler(1001, 0.05, steps=6, skip=skip, rng=rng, comm=comm))
+
+    for skip in (0, 2):
+        single = batches(Comm(), skip)
+        parts = [batches(Comm(rank, world), skip) for rank in range(world)]
+        assert [sorted(sum((p[step] for p in parts), [])) for step in range(6)] == single
+        assert all(set(p[step]) <= set(block(1001, Comm(rank, world))) for rank, p in enumerate(parts)
+                   for step in range(6))
+    assert sum(map(len, single)) > 200  # q·N·steps = 300 expected: the batches are not empty
+
+
 def test_every_bit_of_the_run_key_changes_noise_and_batches():
     """torch's CPU generator keeps 32 bits of a seed; the keyed streams must use all of them."""
     def draws(key):
         noise = NoiseStream(torch.device("cpu"), secure=False)
         noise.seed(key, 0, 0)
-        sampler = PoissonSampler(torch.arange(500), num_samples=500, sample_rate=0.2, steps=3,
+        sampler = PoissonSampler(range(500), num_samples=500, sample_rate=0.2, steps=3,
                                  rng=np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([key, 1, 0]))))
         return noise.normal(1.0, torch.empty(64)), list(sampler)
 

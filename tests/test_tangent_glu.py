@@ -8,7 +8,8 @@ import torch
 
 import dp_taft
 from dp_taft.methods import nlft, taft
-from dp_taft.privacy.bookkeeping import BK_RULES, trainable_layers
+from dp_taft.privacy.bk_rules import BK_RULES
+from dp_taft.privacy.bookkeeping import trainable_layers
 from dp_taft.privacy.data import FromPrefix
 from dp_taft.privacy.validate import resolve_grad_sample_mode
 from fit_cases import easy_dataset, tiny_vit

@@ -10,7 +10,7 @@ The per-example gradient of a linear Δ is ``g_i = A_iᵀ G_i`` and
     ‖g_i‖² = ⟨A_i A_iᵀ, G_i G_iᵀ⟩   (ghost norm, ~T²·(d_in + d_out) per example), or
     ‖g_i‖² = ‖A_iᵀ G_i‖²           (direct, ~T·d_in·d_out per example, in batch chunks),
 
-whichever is cheaper for the layer (:func:`norm_method`), after dropping the token rows
+whichever is cheaper for the layer (:func:`~.bk_kernels.norm_method`), after dropping the token rows
 whose output gradient is zero for the whole batch (:meth:`BookKeepingModule.nonzero_rows`).
 No tensor of per-example gradients of a linear Δ is held (the direct branch forms them a
 batch chunk at a time, for their norms only); LayerNorm and scale Δ have C-entry
@@ -19,115 +19,27 @@ clips all Δ jointly (flat clipping, Opacus' factor ``min(1, C / (‖g_i‖ + 1e
 writes ``p.grad = Σ_i c_i g_i`` — for a linear Δ one weighted matmul ``(c·G)ᵀ A`` over
 the B·T rows. Opacus' ``DPOptimizerFastGradientClipping`` then accumulates physical
 batches, adds the noise σ·C and scales, exactly as in ghost mode. See
-:func:`make_bk_module` for the calling contract. The rules of the other model families'
-Δ kinds (position tables, added parameters) are in :mod:`dp_taft.privacy.bk_family_rules`.
+:func:`make_bk_module` for the calling contract; the rule of each layer class (linear Δ,
+LayerNorm, scales, position tables, added parameters) is in :mod:`dp_taft.privacy.bk_rules`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
-import timm.layers
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..tangent import UnsupportedModelError
-from ..tangent.layerscale import DeltaScale
-from ..tangent.linear import DeltaLinear, per_sample_gradients_only
-from .bk_kernels import by_chunks, direct_sq, flat, ghost_sq, norm_method, weighted_gram
+from ..tangent.linear import per_sample_gradients_only
+from .bk_rules import BK_RULES, BookState
+from .precision import full_precision
 
-__all__ = ["BK_RULES", "BookKeepingModule", "make_bk_module", "register_bk_rule", "require_bk_layers", "norm_method",
-           "trainable_layers"]
+__all__ = ["BookKeepingModule", "make_bk_module", "require_bk_layers", "trainable_layers"]
 
-NORM_METHODS = ("auto", "ghost", "direct")
-
-
-@dataclass
-class _LinearState:
-    """What a linear Δ keeps until the clip factors are known: A, G (flattened to (B, M, d))."""
-
-    a: torch.Tensor | None  # None when the weight is frozen
-    g: torch.Tensor | None
-    g_sum: torch.Tensor | None  # Σ_t G_t (B, d_out), for the bias; None without a trainable bias
-    weight: nn.Parameter
-    bias: nn.Parameter | None
-    sq_norms: torch.Tensor  # (B,) squared per-example norm of this layer's gradient
-
-    def clipped_sum(self, w: torch.Tensor) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-        if self.a is not None:
-            yield self.weight, weighted_gram(self.g, self.a, w).view_as(self.weight)
-        if self.g_sum is not None:
-            yield self.bias, w @ self.g_sum
-
-
-@dataclass
-class _SampledState:
-    """Small per-example gradients (C entries each), materialized in the hook."""
-
-    grads: dict[nn.Parameter, torch.Tensor]  # param -> (B, *param.shape)
-    sq_norms: torch.Tensor
-
-    def clipped_sum(self, w: torch.Tensor) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-        for p, gs in self.grads.items():
-            yield p, torch.tensordot(w, gs, dims=1)
-
-
-Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, "BookKeepingModule"], "_LinearState | _SampledState"]
-#: Exact layer class -> rule(layer, input A, output gradient G, the BookKeepingModule) -> state.
-BK_RULES: dict[type[nn.Module], Rule] = {}
-
-
-def register_bk_rule(*classes: type[nn.Module]) -> Callable[[Rule], Rule]:
-    """Register a BK rule for layers of exactly these classes (subclasses are not matched)."""
-
-    def decorate(rule: Rule) -> Rule:
-        for cls in classes:
-            BK_RULES[cls] = rule
-        return rule
-
-    return decorate
-
-
-@register_bk_rule(DeltaLinear, nn.Linear)
-def _linear_rule(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, owner: "BookKeepingModule") -> _LinearState:
-    a, g = owner.nonzero_rows(layer, flat(a.to(g.dtype)), flat(g))
-    b, m, d_in = a.shape
-    parts = []
-    keep = layer.weight.requires_grad
-    if keep:
-        use = norm_method(m, d_in, g.shape[2]) if owner.norm_method == "auto" else owner.norm_method
-        chunk_size = 2 * m * m if use == "ghost" else d_in * g.shape[2]  # temporaries per example
-        parts.append(by_chunks(ghost_sq if use == "ghost" else direct_sq, chunk_size, a, g))
-    bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
-    g_sum = g.sum(dim=1) if bias is not None else None
-    if g_sum is not None:
-        parts.append(torch.linalg.vecdot(g_sum, g_sum))
-    sq = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    return _LinearState(a if keep else None, g if keep else None, g_sum, layer.weight, bias, sq)
-
-
-def _sampled(grads: dict[nn.Parameter | None, Callable[[], torch.Tensor]], batch: int) -> _SampledState:
-    """Per-example gradients of the trainable params: ``make()`` summed over all but batch and param dims."""
-    out = {p: (full := make()).reshape(batch, math.prod(full.shape[1:]) // p.numel(), *p.shape).sum(dim=1)
-           for p, make in grads.items() if p is not None and p.requires_grad}
-    return _SampledState(out, torch.stack([torch.linalg.vecdot(g.flatten(1), g.flatten(1)) for g in out.values()]).sum(0))
-
-
-@register_bk_rule(nn.LayerNorm, timm.layers.LayerNorm)
-def _layer_norm_rule(layer: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor, owner: "BookKeepingModule") -> _SampledState:
-    x_hat = lambda: F.layer_norm(a.to(g.dtype), layer.normalized_shape, eps=layer.eps) * g  # noqa: E731
-    return _sampled({layer.weight: x_hat, layer.bias: lambda: g}, g.shape[0])
-
-
-@register_bk_rule(DeltaScale, timm.layers.LayerScale)
-def _scale_rule(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, owner: "BookKeepingModule") -> _SampledState:
-    param = layer.weight if isinstance(layer, DeltaScale) else layer.gamma
-    return _sampled({param: lambda: a.to(g.dtype) * g}, g.shape[0])
+NORM_METHODS = ("auto", "ghost", "direct")  # how a linear layer's per-example norms are computed
 
 
 def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -144,7 +56,7 @@ def require_bk_layers(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"book-keeping clipping (grad_sample_mode='bk') has no rule for the trainable layer(s) {', '.join(bad)}. "
             f"Supported layer classes (exact match): {supported}. Freeze those layers (requires_grad_(False)), "
-            "use grad_sample_mode='hooks' or 'ghost', or add a rule with dp_taft.privacy.bookkeeping.register_bk_rule."
+            "use grad_sample_mode='hooks' or 'ghost', or add a rule with dp_taft.privacy.bk_rules.register_bk_rule."
         )
 
 
@@ -153,7 +65,7 @@ class _Pass:
     """Book of one forward/backward pass."""
 
     inputs: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # captured A, until G arrives
-    states: dict[nn.Module, _LinearState | _SampledState] = field(default_factory=dict)
+    states: dict[nn.Module, BookState] = field(default_factory=dict)
     checks: list[torch.Tensor] = field(default_factory=list)  # max |G| over rows dropped by the cache
     queued: bool = False
 
@@ -262,11 +174,12 @@ class BookKeepingModule(nn.Module):
         found once per layer from the public dummy pass of :meth:`_find_rows` (one host sync)
         and cached; real passes only check, on the device, that the dropped rows are still
         zero (:meth:`_check_rows`), and a layer the dummy pass did not settle (another token
-        count) keeps every row. Dropping a row wrongly would not weaken privacy, since norms
-        and clipped sums use the same rows.
+        count) keeps every row, as does a layer marked ``bk_every_row = True``, whose zero rows
+        move with its trained parameters (Swin v2's position-bias MLP under NLFT). Dropping a
+        row wrongly would not weaken privacy, since norms and clipped sums use the same rows.
         """
         b, m, _ = g.shape
-        if b == 0 or m == 1:
+        if b == 0 or m == 1 or getattr(layer, "bk_every_row", False):
             return a, g
         cached = self._rows.get(layer)
         settled = cached is not None and cached[0] == m
@@ -275,7 +188,10 @@ class BookKeepingModule(nn.Module):
         hi, lo = g.amax(dim=2).amax(dim=0), g.amin(dim=2).amin(dim=0)  # (M,); no temporary of G's size
         if not settled:
             keep = (hi != 0) | (lo != 0)
-            dense = bool(keep.all())  # host sync: first pass of this layer only
+            # host sync: first pass of this layer only. No structure zeroes every row: a layer with
+            # no gradient at all in the dummy pass is silenced by its parameters (e.g. Swin v2's
+            # zero-initialised post-norms), which training changes; it keeps every row.
+            dense = bool(keep.all()) or not bool(keep.any())
             cached = (m, None, None) if dense else (m, keep.nonzero().squeeze(1), ~keep)
             self._rows[layer] = cached
             if dense:
@@ -347,14 +263,22 @@ class BookKeepingModule(nn.Module):
     def _on_grad(self, layer: nn.Module, book: _Pass, grad: torch.Tensor) -> None:
         if book is not self._pass:
             return
+        # In the parameters' precision (float32 under bf16 autocast): the norms, clip factors
+        # and clipped sums the sensitivity argument rests on (dp_taft.privacy.precision).
+        dtype = next(p for p in layer.parameters(recurse=False) if p.requires_grad).dtype
         a = book.inputs.pop(layer)
-        book.states[layer] = BK_RULES[type(layer)](layer, a, grad.detach(), self)
+        with full_precision(grad.device):
+            book.states[layer] = BK_RULES[type(layer)](layer, a.to(dtype), grad.detach().to(dtype), self)
         if not book.queued:
             book.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(partial(self._finish, book))
 
     def _finish(self, book: _Pass) -> None:
         """At the end of backward: joint norms, clip factors, p.grad = Σ_i c_i g_i."""
+        with full_precision(self._params[0].device):
+            self._clip(book)
+
+    def _clip(self, book: _Pass) -> None:
         if book is self._pass:
             self._pass = _Pass()  # hooks of a later backward through the same graph find no book
         states = book.states

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .distributed import Comm
+from .rank_rows import block
 from .randomness import PoissonSampler
 
 if TYPE_CHECKING:
@@ -80,20 +80,20 @@ def poisson_sampler(n: int, sample_rate: float, *, steps: int, skip: int, rng: n
                     comm: Comm = Comm()) -> PoissonSampler:
     """Poisson batch sampler over ``n`` examples yielding ``steps`` batches, each example
     included with probability ``sample_rate``; in a distributed run, this rank's part of
-    each batch (positions rank, rank + world, ...: the union over ranks is the whole batch).
+    each batch (its block of positions, :func:`~.rank_rows.block`: the union over ranks is the
+    whole batch).
 
     ``rng`` None: secure mode, coin flips from the OS CSPRNG (nothing to skip or replay).
     Otherwise the keyed generator skips the first ``skip`` batches' coin flips (no data is
     loaded), so a resumed epoch sees exactly the batches the interrupted one would have seen next.
     """
-    positions = torch.arange(comm.rank, n, comm.world)
-    return PoissonSampler(positions, num_samples=n, sample_rate=sample_rate, steps=steps, rng=rng, skip=skip)
+    return PoissonSampler(block(n, comm), num_samples=n, sample_rate=sample_rate, steps=steps, rng=rng, skip=skip)
 
 
-def poisson_loader(dataset: Dataset, sampler: UniformWithReplacementSampler, *, num_workers: int) -> DataLoader:
+def poisson_loader(dataset: Dataset, sampler: PoissonSampler, *, num_workers: int) -> DataLoader:
     """Loader of ``sampler``'s Poisson batches of ``dataset``, as Opacus' DPDataLoader builds it:
     an empty batch comes out as tensors with a zero batch dimension, not an error."""
-    first = dataset[0]
+    first = dataset[sampler.positions[0]]  # one this rank may read (a RankRows holds only its own)
     collate = wrap_collate_with_empty(collate_fn=collate_examples,
                                       sample_empty_shapes=[(0, *shape_safe(v)) for v in first],
                                       dtypes=[dtype_safe(v) for v in first])
@@ -101,16 +101,18 @@ def poisson_loader(dataset: Dataset, sampler: UniformWithReplacementSampler, *, 
 
 
 def cache_prefix(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device, quiet: bool, desc: str,
-                 spec: CacheSpec | None = None) -> PrefixCache:
+                 spec: CacheSpec | None = None, precision: str = "fp32", comm: Comm = Comm()) -> PrefixCache:
     """``model.prefix`` of every example of ``dataset`` (computed in batches of ``batch_size``
-    on ``device``) and its label, stored as ``spec`` says (default: "auto", float32) and
-    read back as float32: see :mod:`dp_taft.privacy.prefix_cache`. ``desc`` names the set
-    ("train", "eval") in the progress bar and in the line that says where the cache went."""
+    on ``device`` under ``precision``) and its label, stored as ``spec`` says (default: "auto",
+    float32) and read back as float32: see :mod:`dp_taft.privacy.prefix_cache`. In a
+    data-parallel run (``comm``), of this rank's examples only (:func:`~.rank_rows.own_rows`).
+    ``desc`` names the set ("train", "eval") in the progress bar and in the line that says
+    where the cache went."""
     # Imported here: prefix_cache batches its data with this module's collate_examples.
     from .prefix_cache import CacheSpec, build_prefix_cache
 
     return build_prefix_cache(model, dataset, CacheSpec() if spec is None else spec, batch_size=batch_size,
-                              device=device, quiet=quiet, desc=desc)
+                              device=device, quiet=quiet, desc=desc, precision=precision, comm=comm)
 
 
 class FromPrefix(nn.Module):

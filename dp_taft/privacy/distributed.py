@@ -9,7 +9,8 @@ std σ·C exactly once. Rank 0 alone writes the ledger and checkpoints; reservat
 the run's state and the final report are broadcast from it.
 
 Poisson sampling across ranks (:func:`dp_taft.privacy.data.poisson_sampler`): example i
-belongs to rank ``i mod world`` and each rank includes each of its examples independently
+belongs to one rank (rank r holds the r-th of ``world`` contiguous blocks of positions,
+:func:`~dp_taft.privacy.rank_rows.block`) and each rank includes each of its examples independently
 with probability q, so the union over ranks is a Poisson(q) sample of the whole data set,
 as accounted. Unlike Opacus' ``DistributedUniformWithReplacementSampler``, which skips a
 rank's empty batch (and so desynchronises the ranks' steps and reveals emptiness), every

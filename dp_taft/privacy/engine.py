@@ -22,6 +22,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from ..tangent import per_sample_gradients_only
 from .bookkeeping import BookKeepingModule, make_bk_module
 from .distributed import Comm
+from .precision import autocast, sample_in_parameter_precision
 from .randomness import NoiseStream, noise_optimizer_class
 
 __all__ = ["GradSampleHook", "ClippedSumHook", "PrivateEngine", "NO_CLIP"]
@@ -69,13 +70,14 @@ class PrivateEngine:
     ghost: bool
     hook: GradSampleHook | None
     normalize: tuple[float, float] | None = None  # automatic clipping's (C, γ), None for flat clipping
+    precision: str = "fp32"  # the forward's autocast (dp_taft.privacy.precision); privacy arithmetic stays fp32
     executed: int = 0
 
     @classmethod
     def build(cls, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, *,
               grad_sample_mode: str, noise_multiplier: float, max_grad_norm: float | None, expected_batch_size: float,
               noise: NoiseStream, hook: GradSampleHook | None, comm: Comm,
-              normalize: tuple[float, float] | None = None) -> "PrivateEngine":
+              normalize: tuple[float, float] | None = None, precision: str = "fp32") -> "PrivateEngine":
         """Wrap ``module`` (``model`` or a view of it that shares its parameters) for DP-SGD.
 
         ``max_grad_norm`` None: non-private (no clipping, σ must be 0). ``noise``: where the
@@ -84,6 +86,8 @@ class PrivateEngine:
         (``comm``) the module is wrapped in Opacus' DPDDP (rank 0's weights broadcast) and
         Opacus' distributed optimizer noises on rank 0 and averages over the ranks.
         ``normalize`` (C, γ): automatic clipping (hooks mode), see :meth:`_normalize`.
+        ``precision``: "fp32", or "bf16" (forward under autocast; per-sample gradients, norms,
+        clipping, noise and update in float32: :mod:`dp_taft.privacy.precision`).
         """
         clip = NO_CLIP if max_grad_norm is None else max_grad_norm
         ghost, bk = grad_sample_mode == "ghost", grad_sample_mode == "bk"
@@ -94,6 +98,8 @@ class PrivateEngine:
         else:
             gsm = prepare_module(module, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean",
                                  **({"max_grad_norm": clip} if ghost else {}))
+            if precision != "fp32":
+                sample_in_parameter_precision(gsm)
         base = get_optimizer_class(clipping="flat", distributed=comm.distributed,
                                    grad_sample_mode="ghost" if bk else grad_sample_mode)
         opt_class = base if noise.kind == "cuda" else noise_optimizer_class(base)
@@ -104,7 +110,7 @@ class PrivateEngine:
                            generator=noise.generator)
         dp_opt.noise_stream = noise
         loss_fn = DPLossFastGradientClipping(gsm, dp_opt, criterion, "mean") if ghost else criterion
-        engine = cls(model, gsm, dp_opt, loss_fn, ghost, hook, normalize)
+        engine = cls(model, gsm, dp_opt, loss_fn, ghost, hook, normalize, precision)
         dp_opt.attach_step_hook(engine._count)  # Opacus calls it after each noised step
         return engine
 
@@ -168,7 +174,8 @@ class PrivateEngine:
                 p.grad = torch.zeros_like(p)
                 p.grad_sample = p.new_zeros((0, *p.shape))
         else:
-            batch_loss = self.loss_fn(self.gsm(x), y)
+            with autocast(x.device, self.precision):  # the backward follows the forward's dtypes
+                batch_loss = self.loss_fn(self.gsm(x), y)
             batch_loss.backward()
             if self.hook is not None and claimed is None:
                 self.hook(indices, self.optimizer.params)

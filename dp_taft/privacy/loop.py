@@ -83,9 +83,11 @@ class RunState:
             if augment:
                 torch.set_rng_state(state["torch_rng"])
 
-    def sampler_rng(self, comm: Comm, secure: bool) -> np.random.Generator | None:
-        """This epoch's keyed coin-flip generator (per rank); None in secure mode (CSPRNG)."""
-        return None if secure else keyed_generator(self.seed, _SAMPLER, self.stream, self.epoch, comm.rank)
+    def sampler_rng(self, secure: bool) -> np.random.Generator | None:
+        """This epoch's keyed coin-flip generator, the same on every rank (each keeps the flips
+        of its own positions, so the batches are a single process's); None in secure mode (CSPRNG)."""
+        # The trailing 0 is part of every run's sampler key: changing it would change seeded runs' batches.
+        return None if secure else keyed_generator(self.seed, _SAMPLER, self.stream, self.epoch, 0)
 
     def advance(self, loss_sum: float, seen: int) -> None:
         self.step += 1
@@ -127,7 +129,7 @@ class EpochLoop:
         self.engine.gsm.train()  # the previous epoch's evaluation left it in eval mode
         loss_sum, seen = run.partial_loss
         sampler = poisson_sampler(len(data), self.plan.sample_rate, steps=self.plan.steps_per_epoch - run.in_epoch,
-                                  skip=run.sampler_draws, rng=run.sampler_rng(self.comm, self.plan.secure_mode),
+                                  skip=run.sampler_draws, rng=run.sampler_rng(self.plan.secure_mode),
                                   comm=self.comm)
         loader = poisson_loader(data, sampler, num_workers=self.num_workers)
         bar = tqdm(total=self.plan.steps_per_epoch, initial=run.in_epoch, desc=desc, disable=self.quiet, leave=False)

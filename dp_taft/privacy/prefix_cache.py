@@ -45,9 +45,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, fsync_dir, open_private, private_dir
 from .data import collate_examples
+from .distributed import Comm
+from .memory import available_memory
+from .precision import autocast
 from .prefix_keys import FORMAT, CacheKey, HashedExamples, load_salt, stream_digest, tensor_digest
+from .rank_rows import own_rows, part_tag
 
-__all__ = ["PrefixCache", "CacheSpec", "build_prefix_cache", "available_memory", "STORAGE_DTYPES", "RAM_FRACTION"]
+__all__ = ["PrefixCache", "CacheSpec", "build_prefix_cache", "STORAGE_DTYPES", "RAM_FRACTION"]
 
 _LOG = logging.getLogger(__name__)
 #: Accepted ``cache_dtype`` names; None means float32 (exact).
@@ -141,37 +145,14 @@ class PrefixCache(Dataset):
 
 
 # --------------------------------------------------------------------------- memory
-def _read_words(path: str) -> list[str]:
-    try:
-        return Path(path).read_text().split()
-    except OSError:
-        return []
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still fill (None when unknown): /proc/meminfo's MemAvailable,
-    lowered to the room left under a cgroup (v2 or v1) memory limit when one is set.
-
-    The cgroup usage counts the page cache too, so under a limit this errs low (the
-    cache then goes to disk earlier than needed, never into an out-of-memory kill).
-    """
-    meminfo = _read_words("/proc/meminfo")
-    found = [int(meminfo[i + 1]) * 1024 for i, w in enumerate(meminfo[:-1]) if w == "MemAvailable:"]
-    v1 = "/sys/fs/cgroup/memory/memory."
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
-        cap, used = _read_words(limit)[:1], _read_words(usage)[:1]
-        # cgroup v2 writes "no limit" as "max", v1 as about 2^63
-        if cap and used and cap[0].isdigit() and used[0].isdigit() and int(cap[0]) < 1 << 60:
-            found.append(max(0, int(cap[0]) - int(used[0])))
-    return min(found) if found else None
-
-
-def _choose(spec: CacheSpec, needed: int) -> tuple[bool, str]:
-    """(keep in RAM?, why, for the one-line report) for a cache of ``needed`` bytes."""
+def _choose(spec: CacheSpec, needed: int, share: int) -> tuple[bool, str]:
+    """(keep in RAM?, why, for the one-line report) for a cache of ``needed`` bytes, built while
+    ``share`` ranks on this machine build theirs (each may take 1/share of the room)."""
     avail = available_memory()
     room = "available memory unknown" if avail is None else f"{avail / _GIB:.1f} GiB available"
-    fits = avail is None or needed <= RAM_FRACTION * avail
+    if share > 1:
+        room = f"this rank's 1/{share} of {room}"
+    fits = avail is None or needed <= RAM_FRACTION * avail / share
     share = f"{'within' if fits else 'over'} {RAM_FRACTION:.0%} of {room}"
     if spec.mode == "ram":
         return True, f"in RAM as asked (cache_prefix=True; {share})"
@@ -189,11 +170,12 @@ Batch = tuple[int, torch.Tensor, torch.Tensor]  # (position of its first example
 
 @torch.no_grad()
 def _prefix_batches(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, quiet: bool,
-                    desc: str) -> Iterator[Batch]:
+                    desc: str, precision: str) -> Iterator[Batch]:
     start = 0
     for x, y in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_examples),
                      desc=f"caching prefix ({desc})", disable=quiet, leave=False):
-        h = model.prefix(x.to(device)).cpu()
+        with autocast(device, precision):
+            h = model.prefix(x.to(device)).cpu()
         yield start, h, torch.as_tensor(y)
         start += len(h)
 
@@ -312,13 +294,13 @@ Store = tuple[str, Callable[[], str]]  # (stem of the partial file, the cache's 
 
 
 def _build(model: nn.Module, dataset: Dataset, spec: CacheSpec, store: Store | None, *, batch_size: int,
-           device: torch.device, quiet: bool, desc: str) -> PrefixCache:
+           device: torch.device, quiet: bool, desc: str, precision: str, share: int) -> PrefixCache:
     """Computes the cache: in RAM, in ``spec.directory`` under ``store``'s name, or in a temporary directory."""
     n = len(dataset)
-    batches = _prefix_batches(model, dataset, batch_size, device, quiet, desc)
+    batches = _prefix_batches(model, dataset, batch_size, device, quiet, desc, precision)
     first = next(batches)
     needed = n * first[1][0].numel() * spec.dtype.itemsize
-    in_ram, why = _choose(spec, needed)
+    in_ram, why = _choose(spec, needed, share)
     size = f"{n} x {tuple(first[1].shape[1:])} {str(spec.dtype).removeprefix('torch.')}, {needed / _GIB:.2f} GiB"
     if in_ram:
         _say(f"prefix cache ({desc}): {size}, {why}", quiet)
@@ -338,16 +320,25 @@ def _build(model: nn.Module, dataset: Dataset, spec: CacheSpec, store: Store | N
 
 
 def build_prefix_cache(model: nn.Module, dataset: Dataset, spec: CacheSpec, *, batch_size: int,
-                       device: torch.device, quiet: bool, desc: str) -> PrefixCache:
-    """``model.prefix`` of every example of ``dataset`` (batches of ``batch_size`` on ``device``), stored per ``spec``.
+                       device: torch.device, quiet: bool, desc: str, precision: str = "fp32",
+                       comm: Comm = Comm()) -> PrefixCache:
+    """``model.prefix`` of every example of ``dataset`` (batches of ``batch_size`` on ``device``,
+    under ``precision``'s autocast), stored per ``spec``; in a data-parallel run (``comm``), of
+    this rank's examples only (its block of positions: :func:`~.rank_rows.own_rows`), in
+    order, so each rank computes and stores 1/world of the cache; "auto" gives each of
+    the ranks on one machine (``LOCAL_WORLD_SIZE``) an equal share of its memory.
 
-    With ``spec.directory``, a complete cache of the same prefix, N, dtype and data is reused
-    (no prefix computed) and a new one is kept there. The data must match in every example,
-    labels included. A plain TensorDataset's tensors are hashed whole, without a pass over
-    the examples. Any other data set is hashed example by example during the pass that
-    computes the prefix. When the directory holds caches of this prefix, N and dtype,
-    reusing one takes a pass that reads (decodes, transforms) and hashes every example,
-    without the prefix forward and the write: 3-5 % of a build of TAFT-2's prefix on
+    With ``spec.directory``, a complete cache of the same prefix, N, dtype, precision, rows
+    and data is reused (no prefix computed) and a new one is kept there. Ranks sharing a
+    directory (a common file system) build their parts at once: each writes its own partial
+    file and its own completion marker, and reads the shared salt. A part is reused by the
+    same rank of a run with the same world size; with another world size, each rank's part is
+    computed again (the log says so) and the old parts stay until the directory is deleted.
+    The data must match in every example, labels included. A plain TensorDataset's tensors
+    are hashed whole, without a pass over the examples. Any other data set is hashed example
+    by example during the pass that computes the prefix. When the directory holds caches of
+    these rows, reusing one takes a pass that reads (decodes, transforms) and hashes every
+    example, without the prefix forward and the write: 3-5 % of a build of TAFT-2's prefix on
     ViT-S/16, 24-43 % for a patch-embedding-only prefix, on a shared 2-core CPU reading and
     hashing 0.04-0.14 GB/s of float32 images (``python -m experiments.bench_cache --reuse``); on a GPU
     the prefix is faster and the share larger. A data set that reads differently every
@@ -358,16 +349,21 @@ def build_prefix_cache(model: nn.Module, dataset: Dataset, spec: CacheSpec, *, b
     n = len(dataset)
     if n == 0:
         raise ValueError(f"cannot cache the prefix of an empty data set ({desc})")
-    kwargs = dict(batch_size=batch_size, device=device, quiet=quiet, desc=desc)
+    rows = own_rows(dataset, comm)
+    if comm.distributed:
+        desc = f"{desc}, rank {comm.rank} of {comm.world}: {len(rows)} of {n} examples"
+    # Ranks on one machine (torchrun's LOCAL_WORLD_SIZE) build at once, each seeing the same free memory.
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if comm.distributed else 1
+    kwargs = dict(batch_size=batch_size, device=device, quiet=quiet, desc=desc, precision=precision, share=share)
     if spec.directory is None:
-        return _build(model, dataset, spec, None, **kwargs)
+        return _build(model, rows, spec, None, **kwargs)
     private_dir(spec.directory)  # features, labels and the salt: owner-only, whatever the umask
-    key = CacheKey.of(load_salt(spec.directory), model, n, spec.dtype)
-    tensors = tensor_digest(dataset, key.salt)
-    held = any(spec.directory.glob(f"{key.group}-*.meta.pt"))  # caches of this prefix, N and dtype
+    key = CacheKey.of(load_salt(spec.directory), model, n, spec.dtype, precision, part_tag(comm))
+    tensors = tensor_digest(rows, key.salt)
+    held = any(spec.directory.glob(f"{key.layout}-*.meta.pt"))  # caches of these rows
     digest = tensors
     if digest is None and held:
-        digest = stream_digest(dataset, key.salt, lambda positions: tqdm(
+        digest = stream_digest(rows, key.salt, lambda positions: tqdm(
             positions, desc=f"verifying prefix cache ({desc})", disable=quiet, leave=False))
     found = None if digest is None else _open_stored(spec.directory, key.name(digest))
     if found is not None:
@@ -375,11 +371,22 @@ def build_prefix_cache(model: nn.Module, dataset: Dataset, spec: CacheSpec, *, b
         _say(f"prefix cache ({desc}): reusing the cache in {spec.directory} ({found.nbytes / _GIB:.2f} GiB), "
              f"verified against every example of the data ({how}); no prefix computed", quiet)
         return found
-    if held:
-        _say(f"prefix cache ({desc}): the caches of this prefix in {spec.directory} did not match the data (they "
-             "hold other data, or an earlier version of it): computing it again", quiet)
+    _say_why_not_reused(spec.directory, key, held, desc, quiet)
     if tensors is not None:
-        return _build(model, dataset, spec, (key.group, lambda: key.name(tensors)), **kwargs)
+        return _build(model, rows, spec, (key.layout, lambda: key.name(tensors)), **kwargs)
     # Named by what the build pass itself read: data that changed since the check cannot slip in.
-    hashed = HashedExamples(dataset, key.salt)
-    return _build(model, hashed, spec, (key.group, lambda: key.name(hashed.hexdigest())), **kwargs)
+    hashed = HashedExamples(rows, key.salt)
+    return _build(model, hashed, spec, (key.layout, lambda: key.name(hashed.hexdigest())), **kwargs)
+
+
+def _say_why_not_reused(directory: Path, key: CacheKey, held: bool, desc: str, quiet: bool) -> None:
+    """Say why a stored cache of this prefix is not reused: other data, or another rank layout."""
+    if held:
+        _say(f"prefix cache ({desc}): the caches of this prefix in {directory} did not match the data (they "
+             "hold other data, or an earlier version of it): computing it again", quiet)
+        return
+    layouts = sorted({p.name.split("-")[1] for p in directory.glob(f"{key.group}-w*.meta.pt")})
+    if layouts:
+        _say(f"prefix cache ({desc}): {directory} holds caches of this prefix for other rank layouts "
+             f"({', '.join(layouts)}; w<world size>r<rank>), not for this one ({key.part}): computing this "
+             "rank's rows again", quiet)

@@ -3,8 +3,9 @@
 Every name in a ``cache_dir`` is an HMAC-SHA256 keyed with :data:`SALT_BYTES` random bytes
 kept owner-only in that directory (:func:`load_salt`): the names depend on private data,
 and without the salt an adversary who knows all examples but one cannot test guesses of the
-last against them. :class:`CacheKey` names the caches of one prefix, size N and dtype (its
-``group``) and, within it, the one of one data set (:meth:`CacheKey.name` of its digest).
+last against them. :class:`CacheKey` names the caches of one prefix, size N, dtype and compute
+precision (its ``group``), the rows one rank holds (its ``layout``) and, within it, the one of
+one data set (:meth:`CacheKey.name` of its digest).
 A data set's digest covers every example: :func:`tensor_digest` hashes a plain
 TensorDataset's tensors whole; other data sets are hashed example by example as they are
 read (:class:`HashedExamples`, :func:`stream_digest`).
@@ -31,7 +32,7 @@ from .checkpoint import fsync_dir
 __all__ = ["CacheKey", "HashedExamples", "load_salt", "prefix_fingerprint", "stream_digest", "tensor_digest",
            "FORMAT", "SALT_FILE", "SALT_BYTES"]
 
-FORMAT = "dp_taft.prefix_cache/2"
+FORMAT = "dp_taft.prefix_cache/3"
 SALT_FILE = "salt"
 SALT_BYTES = 32
 
@@ -132,23 +133,33 @@ def _keyed(salt: bytes, fields: list[Any]) -> str:
 
 @dataclass(frozen=True, repr=False)  # no repr: the salt is secret, N may be
 class CacheKey:
-    """Names of the caches of one prefix, size N and storage dtype in a directory whose salt is ``salt``."""
+    """Names of the caches of one prefix, size N, storage dtype and compute precision in a
+    directory whose salt is ``salt``; ``part`` says which rows a cache holds (``w<world>r<rank>``:
+    rank r's block of positions in a data-parallel run; ``w1r0``: all of them)."""
 
     salt: bytes
-    fields: tuple[str, str, int, str]  # (FORMAT, prefix fingerprint, N, dtype)
+    fields: tuple[str, str, int, str, str]  # (FORMAT, prefix fingerprint, N, dtype, precision)
+    part: str = "w1r0"
 
     @classmethod
-    def of(cls, salt: bytes, model: nn.Module, n: int, dtype: torch.dtype) -> "CacheKey":
-        return cls(salt, (FORMAT, prefix_fingerprint(model), n, str(dtype)))
+    def of(cls, salt: bytes, model: nn.Module, n: int, dtype: torch.dtype, precision: str = "fp32",
+           part: str = "w1r0") -> "CacheKey":
+        return cls(salt, (FORMAT, prefix_fingerprint(model), n, str(dtype), precision), part)
 
     @property
     def group(self) -> str:
-        """16 hex digits that every cache of this prefix, N and dtype begins with (data sets apart)."""
+        """16 hex digits that every cache of this prefix, N, dtype and precision begins with (data
+        sets and rank layouts apart)."""
         return _keyed(self.salt, list(self.fields))[:16]
 
+    @property
+    def layout(self) -> str:
+        """``group-part``: what every cache of these rows begins with (data sets apart)."""
+        return f"{self.group}-{self.part}"
+
     def name(self, data_digest: str) -> str:
-        """``group-`` and 32 hex digits: the cache of this prefix, N and dtype over the data of ``data_digest``."""
-        return f"{self.group}-{_keyed(self.salt, [*self.fields, data_digest])}"
+        """``group-part-`` and 32 hex digits: the cache of these rows over the data of ``data_digest``."""
+        return f"{self.layout}-{_keyed(self.salt, [*self.fields, self.part, data_digest])}"
 
 
 def tensor_digest(dataset: Dataset, salt: bytes) -> str | None:

@@ -99,27 +99,39 @@ def secure_normal(std: float, reference: torch.Tensor) -> torch.Tensor:
 
 
 class PoissonSampler(UniformWithReplacementSampler):
-    """Poisson batches over ``positions``: each included independently with probability
-    ``sample_rate`` at each of ``steps`` batches, empty batches included.
+    """Poisson batches of the contiguous ``positions`` (of ``num_samples`` examples) this
+    process draws: each included independently with probability ``sample_rate`` at each of
+    ``steps`` batches, empty batches included.
 
-    ``rng`` None draws the coin flips from the OS CSPRNG (secure mode, never replayable);
-    otherwise from the keyed generator ``rng``, first advanced past ``skip`` batches so a
-    resumed epoch sees exactly the batches the interrupted one would have seen next.
+    ``rng`` None draws the coin flips from the OS CSPRNG (secure mode, never replayable).
+    Otherwise the keyed generator ``rng`` is the stream of all ``num_samples`` coin flips per
+    batch, in position order: this process draws those of its positions and jumps over the
+    rest (``advance``, O(log n)), so ranks keyed alike draw exactly the batches of a
+    single-process run, each its share, at the cost of its share. ``rng`` is first advanced
+    past ``skip`` batches, so a resumed epoch sees exactly the batches the interrupted one
+    would have seen next.
     """
 
-    def __init__(self, positions: torch.Tensor, *, num_samples: int, sample_rate: float, steps: int,
+    def __init__(self, positions: range, *, num_samples: int, sample_rate: float, steps: int,
                  rng: np.random.Generator | None, skip: int = 0) -> None:
         super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
+        if positions.step != 1 or not 0 <= positions.start <= positions.stop <= num_samples:
+            raise ValueError(f"positions must be a contiguous range within [0, {num_samples}], got {positions}")
         self.positions = positions
         self.rng = rng
         if rng is not None:
-            rng.bit_generator.advance(skip * len(positions))  # one 64-bit draw per uniform
+            rng.bit_generator.advance(skip * num_samples)  # one 64-bit draw per uniform
 
     def __iter__(self):
-        n = len(self.positions)
+        start, stop = self.positions.start, self.positions.stop
         for _ in range(self.steps):
-            u = csprng_uniform(n) if self.rng is None else torch.from_numpy(self.rng.random(n))
-            yield self.positions[u < self.sample_rate].tolist()
+            if self.rng is None:
+                u = csprng_uniform(stop - start)
+            else:
+                self.rng.bit_generator.advance(start)
+                u = torch.from_numpy(self.rng.random(stop - start))
+                self.rng.bit_generator.advance(self.num_samples - stop)
+            yield (torch.nonzero(u < self.sample_rate).flatten() + start).tolist()
 
 
 class NoiseStream:

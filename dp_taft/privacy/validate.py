@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..losses import make_loss
 from ..tangent import UnsupportedModelError
-from .bookkeeping import BK_RULES, require_bk_layers, trainable_layers
+from .bk_rules import BK_RULES
+from .bookkeeping import require_bk_layers, trainable_layers
 from .data import collate_examples, resolve_train_set
 from .engine import ClippedSumHook
+from .precision import check_precision
 
 __all__ = [
     "check_arguments",
@@ -71,6 +73,7 @@ def check_arguments(options: Mapping[str, Any], *, prior: Any = (), stage: str |
         raise ValueError(f"grad_sample_hook needs grad_sample_mode='hooks' (per-sample gradients; 'bk' too for a "
                          f"dp_taft.privacy.engine.ClippedSumHook), got {mode!r}")
     _check_toolbox(options, mode)
+    check_precision(options["precision"], options["device"], mode)
     if stage is not None and not (isinstance(stage, str) and stage):
         raise ValueError(f"stage must be a non-empty string label or None, got {stage!r}")
     return {

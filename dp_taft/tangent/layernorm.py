@@ -91,8 +91,12 @@ class TangentLayerNorm(DeltaLeaf):
             self.delta.bias.zero_()
 
     def forward(self, x: torch.Tensor, dx: Tangent) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under autocast the primal or the tangent may arrive in bf16: normalisation runs in the
+        # parameters' dtype (fp32), as autocast runs layer_norm itself, and the fused kernels
+        # need one dtype for all their inputs.
+        x = x.to(self.weight0.dtype)
         y, mean, rstd = torch.native_layer_norm(x, self.normalized_shape, self.weight0, self.bias0, self.eps)
         if dx is None:
             return y, self.delta(x)
-        d_norm = _NormalizeTangent.apply(dx, x, mean, rstd, self.weight0, self.normalized_shape)
+        d_norm = _NormalizeTangent.apply(dx.to(x.dtype), x, mean, rstd, self.weight0, self.normalized_shape)
         return y, d_norm.add_(self.delta(x))  # in place on a fresh, unsaved tensor

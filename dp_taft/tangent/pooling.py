@@ -30,7 +30,7 @@ class ParameterAdd(nn.Module):
     embedding). The per-example gradient of ``weight`` is the output gradient summed over
     the dimensions ``weight`` is broadcast along (:func:`per_example_sum`); it is
     registered with Opacus in :mod:`dp_taft.privacy.grad_samplers` and has a book-keeping
-    rule in :mod:`dp_taft.privacy.bk_family_rules`.
+    rule in :mod:`dp_taft.privacy.bk_rules`.
     """
 
     def __init__(self, shape: torch.Size, *, device=None, dtype=None) -> None:

@@ -198,6 +198,9 @@ class BatchFirstWindowAttentionV2(nn.Module):
         self.windows = windows
         self.register_buffer("coords", _coords(source_layer).clone(), persistent=False)
         self.qkv, self.proj, self.cpb_mlp = source_layer.qkv, source_layer.proj, source_layer.cpb_mlp
+        # The first cpb layer's output gradient is zero on the coordinates where its ReLU is off,
+        # a pattern its training moves: book-keeping must not drop those rows once for all.
+        self.cpb_mlp[0].bk_every_row = True
         self.q_bias = None if source_layer.q_bias is None else PositionTable(source_layer.q_bias)
         self.v_bias = None if source_layer.v_bias is None else PositionTable(source_layer.v_bias)
         self.logit_scale = PositionTable(source_layer.logit_scale)
