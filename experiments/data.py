@@ -46,6 +46,8 @@ __all__ = [
     "load_fashion_mnist",
     "load_image_dataset",
     "model_normalisation",
+    "normalise",
+    "private_indices",
     "public_split",
     "read_idx",
     "select_classes",
@@ -179,14 +181,14 @@ class DefaultTask:
     public_class_names: tuple[str, ...]
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
+def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] normalised with the public statistics."""
     return ((images.float() / 255.0 - PUBLIC_MEAN) / PUBLIC_STD).unsqueeze(1)
 
 
 def _subset(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> TensorDataset:
     keep = torch.isin(labels, torch.tensor(classes))
-    return TensorDataset(_normalise(images[keep]), labels[keep] - min(classes))
+    return TensorDataset(normalise(images[keep]), labels[keep] - min(classes))
 
 
 def public_split(root: str | Path | None = None) -> tuple[TensorDataset, TensorDataset]:
@@ -195,6 +197,26 @@ def public_split(root: str | Path | None = None) -> tuple[TensorDataset, TensorD
     raw = load_fashion_mnist(root)
     return (_subset(raw.train_images, raw.train_labels, PUBLIC_CLASSES),
             _subset(raw.test_images, raw.test_labels, PUBLIC_CLASSES))
+
+
+def private_indices(private_train_size: int | None = 10_000, seed: int = 0,
+                    root: str | Path | None = None) -> torch.Tensor:
+    """Indices (int64, ascending) into the 60,000 Fashion-MNIST training images of the private
+    training set of :func:`default_task` with the same arguments.
+
+    ``private_train_size`` in 1..30,000 draws that many of the training images of classes 5-9
+    uniformly without replacement with a ``torch.Generator`` seeded by ``seed``; ``None`` keeps
+    all 30,000. The draw takes the first ``private_train_size`` of one seeded permutation, so
+    for one seed a smaller set is contained in every larger one.
+    """
+    raw = load_fashion_mnist(root)
+    pool = torch.isin(raw.train_labels, torch.tensor(PRIVATE_CLASSES)).nonzero().squeeze(1)
+    if private_train_size is None:
+        return pool
+    if not 1 <= private_train_size <= pool.numel():
+        raise ValueError(f"private_train_size must be in 1..{pool.numel()}, got {private_train_size}")
+    pick = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[:private_train_size]
+    return pool[pick.sort().values]
 
 
 def default_task(private_train_size: int | None = 10_000, seed: int = 0, root: str | Path | None = None) -> DefaultTask:
@@ -206,20 +228,14 @@ def default_task(private_train_size: int | None = 10_000, seed: int = 0, root: s
     keeps all 30,000. ``root`` as in ``load_fashion_mnist``.
     """
     raw = load_fashion_mnist(root)
-    private_pool = torch.isin(raw.train_labels, torch.tensor(PRIVATE_CLASSES)).nonzero().squeeze(1)
-    if private_train_size is not None:
-        if not 1 <= private_train_size <= private_pool.numel():
-            raise ValueError(f"private_train_size must be in 1..{private_pool.numel()}, got {private_train_size}")
-        gen = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(private_pool.numel(), generator=gen)[:private_train_size]
-        private_pool = private_pool[pick.sort().values]
+    private_pool = private_indices(private_train_size, seed, root)
     offset = min(PRIVATE_CLASSES)
     public_train, public_test = public_split(root)
     return DefaultTask(
         public_train=public_train,
         public_test=public_test,
         private_train=TensorDataset(
-            _normalise(raw.train_images[private_pool]), raw.train_labels[private_pool] - offset
+            normalise(raw.train_images[private_pool]), raw.train_labels[private_pool] - offset
         ),
         private_test=_subset(raw.test_images, raw.test_labels, PRIVATE_CLASSES),
         num_classes=len(PRIVATE_CLASSES),

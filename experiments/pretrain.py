@@ -99,6 +99,7 @@ def pretrain(
     label_smoothing: float = 0.1,
     threads: int | None = None,
     classes: Sequence[int] | None = None,
+    data: tuple[TensorDataset, TensorDataset, int] | None = None,
     log: Callable[[str], None] = _log,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train ``default_model`` on the public training images; return (state dict, public test accuracy).
@@ -112,10 +113,17 @@ def pretrain(
     of 0-4; default all) pretrains on those classes only, with a ``len(classes)``-way
     head and labels renumbered 0.. in the given order; ``experiments.tune`` uses it to
     build a public proxy of the private task (a backbone that never saw the proxy's classes).
+    ``data`` = (training set, test set, the head's width): other PUBLIC data to pretrain on
+    instead of classes 0-4, labels in 0..width-1 (``experiments.closeness``: classes 0-4 plus
+    a public sample of 5-9); not with ``classes``.
     """
-    train, test = public_split()
+    if data is not None and classes is not None:
+        raise ValueError("pass classes or data, not both")
+    train, test = public_split() if data is None else data[:2]
+    num_classes = data[2] if data is not None else len(PUBLIC_CLASSES)
     if classes is not None:
         train, test = select_classes(train, classes), select_classes(test, classes)
+        num_classes = len(classes)
     images, labels = train.tensors
     if max_train is not None:
         images, labels = images[:max_train], labels[:max_train]
@@ -129,7 +137,7 @@ def pretrain(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = default_model(len(classes) if classes is not None else len(PUBLIC_CLASSES))
+            model = default_model(num_classes)
             gen = torch.Generator().manual_seed(seed)
             # No weight decay on biases, norms, position embedding and class token (standard for ViTs).
             decay = [p for p in model.parameters() if p.ndim >= 2 and p.shape[0] != 1]

@@ -19,12 +19,13 @@ winners then transfer to the real backbone and task. See ``experiments/tune.toml
 
 Budget and fairness: every method gets the same ``trials`` configurations (one Latin
 hypercube design over the search space, drawn with a public seed; method-specific keys are
-added to it), each trained once at the tuning ε, plus ``nonprivate_trials`` non-private
-runs that pick the ε = ∞ learning rate around the private winner. Outputs, in ``--out``
-(default ``results/tune-<timestamp>/``):
+added to it), each trained once at the tuning ε; the ε = ∞ settings get the same design
+without privacy, lr over its own range (``[nonprivate_space]``), so the non-private column is
+tuned as widely as the private ones. Outputs, in ``--out`` (default ``results/tune-<timestamp>/``):
 
 * ``trials.csv``: one row per trial (settings as JSON, proxy accuracy, wall time), appended
-  as each ends; rerunning with the same ``--out`` skips finished trials;
+  as each ends; rerunning with the same ``--out`` skips finished trials (a hash per phase: under
+  a new non-private range, the private rows copied into a new ``--out`` are reused);
 * ``summary.md``: the budget, the proxy, and every trial per method, winner marked;
 * ``tuned.toml``: the winners, with that provenance in its header (``--write PATH`` also
   copies it there; ``--write`` alone to ``dp_taft/presets/tuned.toml``, making them the
@@ -59,16 +60,18 @@ from experiments import sweep_config as sc
 from experiments.config import read_profiled
 from experiments.task import Task, load_default_checkpoint, subsample
 
-__all__ = ["COLUMNS", "DEFAULT_CONFIG", "design", "load_config", "main", "select", "tuned_toml"]
+__all__ = ["COLUMNS", "DEFAULT_CONFIG", "PHASES", "design", "load_config", "main", "phase_configs", "select",
+           "tuned_toml"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("tune.toml")
 TUNE_KEYS = frozenset({
-    "methods", "blocks", "epsilon", "trials", "nonprivate_trials", "search_seed", "public_classes", "proxy_classes",
+    "methods", "blocks", "epsilon", "trials", "search_seed", "public_classes", "proxy_classes",
     "pretrain_epochs", "pretrain_max_train", "proxy_train_size", "proxy_test_size",
 })
 COLUMNS = ("phase", "method", "trial", "hparams", "target_epsilon", "epsilon", "sigma", "steps", "accuracy",
            "status", "error", "wall_time_s", "config", "finished_at")
 CSV_NAME, SUMMARY_NAME, TUNED_NAME = "trials.csv", "summary.md", "tuned.toml"
+PHASES = ("private", "nonprivate")
 #: "none" in the space means fit's averaging=None (TOML has no null).
 _NO_AVERAGING = "none"
 
@@ -126,7 +129,7 @@ def _check_settings(s: dict[str, Any]) -> None:
         if not (isinstance(s[name], int) and not isinstance(s[name], bool) and s[name] >= low):
             raise ValueError(f"{name} must be an integer >= {low}, got {s[name]!r}")
 
-    for name, low in (("blocks", 1), ("trials", 1), ("nonprivate_trials", 0), ("search_seed", 0),
+    for name, low in (("blocks", 1), ("trials", 1), ("search_seed", 0),
                       ("pretrain_epochs", 1), ("pretrain_max_train", 0), ("proxy_train_size", 0),
                       ("proxy_test_size", 0)):
         count(name, low)
@@ -165,6 +168,15 @@ def design(space: dict[str, Any], trials: int, seed: int) -> list[dict[str, Any]
             values = [spec[i % len(spec)] for i in range(trials)]
         columns[key] = [values[i] for i in rng.permutation(trials)]
     return [{k: columns[k][t] for k in columns} for t in range(trials)]
+
+
+def phase_configs(settings: dict[str, Any], spaces: dict[str, Any], nonprivate: dict[str, Any], phase: str,
+                  method: str) -> list[dict[str, Any]]:
+    """The trials of ``method`` in ``phase``: the non-private ones are the private ones with lr
+    over the ``nonprivate`` range (trial by trial the same other settings and lr stratum, since
+    ``design`` draws each key from its own generator)."""
+    space = spaces[method] if phase == "private" else {**spaces[method], **nonprivate}
+    return design(space, settings["trials"], settings["search_seed"])
 
 
 def fit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -207,11 +219,16 @@ def proxy_task(settings: dict[str, Any], backbone_path: Path) -> Task:
 
 
 # --------------------------------------------------------------------------- trials
-def config_hash(settings: dict[str, Any], spaces: dict[str, Any], nonprivate: dict[str, Any],
-                base: dict[str, Any]) -> str:
-    """Short hash of everything that fixes the trials; a resumed ``--out`` must match it."""
-    blob = json.dumps([settings, spaces, nonprivate, base], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_hashes(settings: dict[str, Any], spaces: dict[str, Any], nonprivate: dict[str, Any],
+                  base: dict[str, Any]) -> dict[str, str]:
+    """{phase: short hash of everything that fixes its trials}; a resumed ``--out`` must match. The
+    private one leaves out the non-private lr range: widening it reruns the non-private phase only."""
+    private = _digest([settings, spaces, base])
+    return {"private": private, "nonprivate": _digest([private, nonprivate])}
 
 
 def run_trial(phase: str, method: str, trial: int, config: dict[str, Any], task: Task, base: dict[str, Any],
@@ -230,9 +247,7 @@ def run_trial(phase: str, method: str, trial: int, config: dict[str, Any], task:
 
 def expected_trials(settings: dict[str, Any]) -> set[tuple[str, str, str]]:
     """(phase, method, trial) of every trial the configuration asks for, as trials.csv writes them."""
-    return {(phase, m, str(t)) for m in settings["methods"]
-            for phase, n in (("private", settings["trials"]), ("nonprivate", settings["nonprivate_trials"]))
-            for t in range(n)}
+    return {(phase, m, str(t)) for m in settings["methods"] for phase in PHASES for t in range(settings["trials"])}
 
 
 def select(rows: Sequence[res.Row], phase: str, method: str) -> res.Row:
@@ -251,41 +266,45 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def tuned_toml(rows: Sequence[res.Row], settings: dict[str, Any], profile: str) -> str:
-    """The winners as sweep.toml-style ``[hparams.<method>]`` / ``[nonprivate.<method>]`` tables, with provenance."""
+def tuned_toml(rows: Sequence[res.Row], settings: dict[str, Any], nonprivate: dict[str, Any], profile: str) -> str:
+    """The winners as sweep.toml-style ``[hparams.<method>]`` / ``[nonprivate.<method>]`` tables, with provenance.
+
+    A ``[nonprivate.<method>]`` table holds every setting of its winner, ``averaging = "none"``
+    included: readers lay it over ``[hparams.<method>]``, whose values it must all replace.
+    """
     n_private = sum(r["phase"] == "private" for r in rows)
     n_nonprivate = len(rows) - n_private
+    np_lr = nonprivate["lr"]["log"]
     lines = [
         f"# Written by `python -m experiments.tune --profile {profile}`; read by experiments/sweep.toml (key tuned).",
         f"# Proxy: backbone pretrained on public Fashion-MNIST classes {settings['public_classes']} "
         f"({settings['pretrain_epochs']} epochs), DP fine-tuned on public classes {settings['proxy_classes']} "
         f"(N = {settings['proxy_train_size'] or 'all'}).",
         f"# Budget: {settings['trials']} trials per method at target epsilon {settings['epsilon']:g} (one Latin "
-        f"hypercube, search_seed {settings['search_seed']}) + {settings['nonprivate_trials']} non-private lr "
-        f"trials per method; {n_private} + {n_nonprivate} trials ran.",
+        f"hypercube, search_seed {settings['search_seed']}) + the same {settings['trials']} without privacy, lr "
+        f"log-uniform in [{np_lr[0]:g}, {np_lr[1]:g}]; {n_private} + {n_nonprivate} trials ran.",
         "# Selection: highest proxy test accuracy. No private example or label was read.",
         "",
     ]
     for method in settings["methods"]:
-        win = select(rows, "private", method)
-        lines += [f"[hparams.{method}]  # trial {win['trial']}, proxy accuracy {100 * float(win['accuracy']):.1f}%"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in sorted(fit_kwargs(json.loads(win["hparams"])).items())]
-        if settings["nonprivate_trials"]:
-            npw = select(rows, "nonprivate", method)
-            lr = json.loads(npw["hparams"])["lr"]
-            lines += ["", f"[nonprivate.{method}]  # trial {npw['trial']}, proxy accuracy "
-                      f"{100 * float(npw['accuracy']):.1f}%", f"lr = {_toml_value(lr)}"]
-        lines.append("")
+        for phase, table in (("private", "hparams"), ("nonprivate", "nonprivate")):
+            win = select(rows, phase, method)
+            config = json.loads(win["hparams"])
+            values = fit_kwargs(config) if phase == "private" else config
+            lines += [f"[{table}.{method}]  # trial {win['trial']}, proxy accuracy {100 * float(win['accuracy']):.1f}%"]
+            lines += [*(f"{k} = {_toml_value(v)}" for k, v in sorted(values.items())), ""]
     return "\n".join(lines)
 
 
-def summary(rows: Sequence[res.Row], settings: dict[str, Any]) -> str:
+def summary(rows: Sequence[res.Row], settings: dict[str, Any], nonprivate: dict[str, Any]) -> str:
     """Markdown: every trial per method and phase, the winner in bold."""
+    np_lr = nonprivate["lr"]["log"]
     lines = ["# Public-proxy tuning", "",
              f"Proxy: classes {settings['proxy_classes']} from a backbone pretrained on {settings['public_classes']}; "
-             f"{settings['trials']} private trials (target ε = {settings['epsilon']:g}) and "
-             f"{settings['nonprivate_trials']} non-private trials per method. Accuracy: proxy test set (public).", ""]
-    for phase in ("private", "nonprivate"):
+             f"{settings['trials']} private trials (target ε = {settings['epsilon']:g}) and the same "
+             f"{settings['trials']} configurations without privacy (lr log-uniform in [{np_lr[0]:g}, {np_lr[1]:g}], "
+             "same strata) per method. Accuracy: proxy test set (public).", ""]
+    for phase in PHASES:
         for method in settings["methods"]:
             mine = [r for r in rows if r["phase"] == phase and r["method"] == method]
             if not mine:
@@ -341,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = args.out or Path("results") / f"tune-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     base = {"settings": settings, "hparams": hparams, "sweep": {k: sweep[k] for k in ("delta", "accountant")}}
-    digest = config_hash(settings, spaces, np_space, base)
+    digests = config_hashes(settings, spaces, np_space, base)
     rows = res.read_rows(out / CSV_NAME)
-    if any(r["config"] != digest for r in rows):
+    if any(r["config"] != digests.get(r["phase"]) for r in rows):
         print(f"error: {out} holds trials of another configuration: use a new --out", file=sys.stderr)
         return 2
     task = proxy_task(settings, proxy_backbone_path(settings, args.cache_dir or default_cache_dir()))
@@ -352,32 +371,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     done = {(r["phase"], r["method"], r["trial"]) for r in rows}
     methods = [m for m in settings["methods"] if args.only is None or m in args.only]
-    for phase in ("private", "nonprivate"):
+    for phase in PHASES:
         for method in methods:
-            if phase == "private":
-                configs = design(spaces[method], settings["trials"], settings["search_seed"])
-            else:
-                winner = json.loads(select(rows, "private", method)["hparams"])
-                configs = [{**winner, **lr} for lr in design(np_space, settings["nonprivate_trials"],
-                                                             settings["search_seed"])]
-            for trial, config in enumerate(configs):
+            for trial, config in enumerate(phase_configs(settings, spaces, np_space, phase, method)):
                 if (phase, method, str(trial)) in done:
                     continue
                 row = run_trial(phase, method, trial, config, task, base, out, device=args.device, quiet=args.quiet)
-                row["config"] = digest
+                row["config"] = digests[phase]
                 res.append_row(out / CSV_NAME, row, COLUMNS)
-                rows.append({c: res.format_number(row.get(c)) for c in COLUMNS})
                 acc = f"{100 * row['accuracy']:.1f}%" if row["status"] == "ok" else f"FAILED ({row['error'][:150]})"
-                print(f"{phase} {method} trial {trial}: {acc} in {row['wall_time_s']:.0f} s  {row['hparams']}",
-                      flush=True)
+                print(f"{phase} {method} {trial}: {acc} in {row['wall_time_s']:.0f} s {row['hparams']}", flush=True)
     rows = res.read_rows(out / CSV_NAME)  # with --only, other processes' trials too
     missing = expected_trials(settings) - {(r["phase"], r["method"], r["trial"]) for r in rows}
     if missing:
         print(f"done with {' '.join(methods)}; {len(missing)} trial(s) of other methods are not in {CSV_NAME} yet: "
               "rerun without --only once they are, to write the outputs")
         return 0
-    (out / SUMMARY_NAME).write_text(summary(rows, settings))
-    (out / TUNED_NAME).write_text(tuned_toml(rows, settings, args.profile))
+    (out / SUMMARY_NAME).write_text(summary(rows, settings, np_space))
+    (out / TUNED_NAME).write_text(tuned_toml(rows, settings, np_space, args.profile))
     if args.write is not None:
         shutil.copyfile(out / TUNED_NAME, args.write)
     print(f"done: {out / TUNED_NAME}" + (f", copied to {args.write}" if args.write else ""))

@@ -18,33 +18,56 @@ def test_axis_points_share_the_default_and_scale_batches_with_n(tmp_path):
     pts = axes.points(list(axes.AXES))
     assert sum(name == "default" for name in pts.values()) == 3  # one per axis, one directory
     assert list(pts.values())[-3:] == ["default"] * 3  # last: a main sweep running alongside has finished it
-    args = argparse.Namespace(methods=["taft", "nlft"], epsilon=3.0, seeds=[0, 1], cache_dir=tmp_path)
+    assert axes.AXES["k"][0] == (1, 2, 3, 4, 5, 6)  # up to the default ViT's depth
+    args = argparse.Namespace(methods=["taft", "nlft"], cache_dir=tmp_path)
     _, hparams, _ = sc.load_config(sc.DEFAULT_CONFIG, "default")
-    argv = axes.sweep_argv("size", 1000, args, tmp_path / "p")
+    argv = axes.sweep_argv("size", 1000, args)
     assert argv[argv.index("--private-train-size") + 1] == "1000"
     for m in ("taft", "nlft"):
         assert f"--set={m}.batch_size={max(1, round(hparams[m]['batch_size'] / 10))}" in argv
-    assert axes.sweep_argv("k", 4, args, tmp_path / "p")[-2:] == ["--blocks", "4"]
-    assert "--blocks" not in axes.sweep_argv("k", 2, args, tmp_path / "p")
-    assert "--checkpoint" not in axes.sweep_argv("backbone", 8, args, tmp_path / "p")
+    assert axes.sweep_argv("k", 6, args) == ["--blocks", "6"]
+    assert axes.sweep_argv("k", 2, args) == []
+    assert axes.sweep_argv("backbone", 8, args) == []
 
 
-def test_axis_outputs_pair_taft_with_nlft_by_seed(tmp_path):
-    for name, acc in (("default", {"taft": (0.80, 0.82), "nlft": (0.85, 0.86)}),
-                      ("k-1", {"taft": (0.78, 0.79), "nlft": (0.80, 0.83)})):
-        for method, values in acc.items():
-            for seed, a in enumerate(values):
-                res.append_row(tmp_path / name / CSV_NAME, {
-                    "run_id": f"{method}_{seed}", "method": method, "k": 2, "label": method, "seed": seed,
-                    "target_epsilon": 3.0, "accuracy": a, "status": "ok"}, COLUMNS)
-    res.append_row(tmp_path / "default" / CSV_NAME, {  # another ε in the default directory: left out
-        "run_id": "nlft_eps8", "method": "nlft", "k": 2, "label": "nlft", "seed": 0, "target_epsilon": 8.0,
-        "accuracy": 0.1, "status": "ok"}, COLUMNS)
-    args = argparse.Namespace(axes=["k"], methods=["taft", "nlft"], epsilon=3.0, seeds=[0, 1], cache_dir=tmp_path)
-    axes.write_outputs(tmp_path, args, tmp_path / "default")
+def test_settings_tag_separates_private_and_retuned_nonprivate_runs(tmp_path):
+    methods, argv = ["taft_head", "nlft"], ["--blocks", "4"]
+    dirs = axes._sweep_dirs(tmp_path, argv, methods, [3.0, float("inf"), 1.0])
+    kinds = [(p.name.split("-")[0], e) for p, e in dirs.items()]
+    assert kinds == [("private", [3.0, 1.0]), ("nonprivate", [float("inf")])]
+    retuned = [*argv, "--set=nonprivate.nlft.lr=0.3"]  # what a re-tuned [nonprivate.nlft] amounts to
+    assert axes.settings_tag(retuned, methods, True) == axes.settings_tag(argv, methods, True)
+    assert axes.settings_tag(retuned, methods, False) != axes.settings_tag(argv, methods, False)
+    assert axes.settings_tag([*argv, "--set=nlft.lr=0.3"], methods, True) != axes.settings_tag(argv, methods, True)
+
+
+def _write_point(where, acc, epsilon=3.0):
+    for method, values in acc.items():
+        for seed, a in enumerate(values):
+            res.append_row(where / CSV_NAME, {
+                "run_id": f"{method}_eps{epsilon}_{seed}", "method": method, "k": 2, "label": method, "seed": seed,
+                "target_epsilon": epsilon, "accuracy": a, "wall_time_s": 10 + seed, "status": "ok"}, COLUMNS)
+
+
+def test_axis_outputs_pair_taft_with_nlft_by_seed_and_epsilon(tmp_path):
+    methods, inf = ["taft", "nlft"], float("inf")
+    args = argparse.Namespace(axes=["k"], methods=methods, epsilons=[3.0, inf], seeds=[0, 1], cache_dir=tmp_path,
+                              out=tmp_path, default_dir=None)
+    for name, value, acc in (("default", 2, {"taft": (0.80, 0.82), "nlft": (0.85, 0.86)}),
+                             ("k-1", 1, {"taft": (0.78, 0.79), "nlft": (0.80, 0.83)})):
+        argv = axes.sweep_argv("k", value, args)
+        private, nonprivate = axes._sweep_dirs(tmp_path / name, argv, methods, args.epsilons)
+        _write_point(private, acc)
+        _write_point(private, {"nlft": (0.1, 0.1)}, epsilon=8.0)  # another ε in the directory: left out
+        _write_point(nonprivate, {m: tuple(a + 0.05 for a in v) for m, v in acc.items()}, epsilon=inf)
+    axes.write_outputs(args)
     text = (tmp_path / "summary.md").read_text()
     d = res.Difference.of([0.80 - 0.85, 0.82 - 0.86])
-    assert f"| TAFT − NLFT | {res.Difference.of([-0.02, -0.04]).text(100)} | {d.text(100)} | — |" in text
+    row = f"| {res.Difference.of([-0.02, -0.04]).text(100)} | {d.text(100)} | — | — | — | — |"
+    assert f"| TAFT − NLFT, ε = 3 {row}" in text
+    assert f"| TAFT − NLFT, ∞ (non-private) {row}" in text
+    times = text.split("Mean wall time per run (s):")[1]
+    assert "| TAFT, ε = 3 | 10 ± 1 | 10 ± 1 | — | — | — | — |" in times
     assert (tmp_path / "axis_k.png").read_bytes()[:4] == b"\x89PNG"
 
 

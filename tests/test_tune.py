@@ -1,7 +1,7 @@
 """experiments.tune: the design is fair, the proxy is public, the winners reach the sweep.
 
-The end-to-end test runs the ``--smoke`` profile (a 1-epoch proxy backbone, two trials per
-method) and then a smoke sweep that reads the written ``tuned.toml``.
+The end-to-end test runs the ``--smoke`` profile (a 1-epoch proxy backbone, two private and two
+non-private trials per method) and then a smoke sweep that reads the written ``tuned.toml``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from dp_taft.presets import TUNED_FILE
 from experiments import results as res
+from experiments import sweep as sw
 from experiments import sweep_config as sc
 from experiments import tune
 
@@ -50,6 +51,30 @@ def test_methods_share_the_trials_of_their_common_keys():
     head = tune.design(spaces["taft_head"], settings["trials"], settings["search_seed"])
     assert "head_epochs" in head[0] and "head_epochs" not in taft[0]
     assert [{k: c[k] for k in taft[0]} for c in head] == taft
+
+
+def test_nonprivate_phase_is_the_private_design_over_its_own_lr_range():
+    """Issue 20: the epsilon = inf settings got 3 lr-only trials around the private winner, and
+    every method picked the largest lr drawn. They must get the private trials' budget and design:
+    trial by trial the same settings, lr in the same stratum of the non-private range."""
+    settings, spaces, np_space = tune.load_config(tune.DEFAULT_CONFIG, "default")
+    (lo, hi), (p_lo, p_hi), n = np_space["lr"]["log"], spaces["fc"]["lr"]["log"], settings["trials"]
+    assert (lo, hi) != (p_lo, p_hi) and lo < p_lo and hi > p_hi  # its own, wider range
+
+    def strata(configs, a, b):
+        return [int(n * (math.log(c["lr"]) - math.log(a)) / (math.log(b) - math.log(a))) for c in configs]
+
+    for method in settings["methods"]:
+        private = tune.phase_configs(settings, spaces, np_space, "private", method)
+        nonprivate = tune.phase_configs(settings, spaces, np_space, "nonprivate", method)
+        assert len(nonprivate) == len(private) == n
+        assert [{**c, "lr": None} for c in nonprivate] == [{**c, "lr": None} for c in private]
+        assert all(lo <= c["lr"] <= hi for c in nonprivate)
+        assert strata(nonprivate, lo, hi) == strata(private, p_lo, p_hi)
+        assert sorted(strata(nonprivate, lo, hi)) == list(range(n))
+        assert {c["clipping"] for c in nonprivate} == set(spaces[method]["clipping"])  # a tuned choice here too
+    assert {k for k, v in spaces["taft_head"].items() if isinstance(v, list) and len(v) > 1} >= {
+        "epochs", "batch_size", "loss", "averaging", "lr_schedule", "clipping", "momentum", "head_epochs"}
 
 
 def test_every_method_gets_the_same_budget():
@@ -107,8 +132,7 @@ def test_smoke_tuning_writes_winners_the_sweep_reads(smoke_tune, tmp_path, backb
     rows = res.read_rows(run / tune.CSV_NAME)
     settings, _, _ = tune.load_config(tune.DEFAULT_CONFIG, "smoke")
     per = Counter((r["phase"], r["method"]) for r in rows)
-    assert per == {(p, m): n for m in settings["methods"]
-                   for p, n in (("private", settings["trials"]), ("nonprivate", settings["nonprivate_trials"]))}
+    assert per == {(p, m): settings["trials"] for m in settings["methods"] for p in tune.PHASES}
     assert all(r["status"] == "ok" for r in rows)
     assert {r["target_epsilon"] for r in rows if r["phase"] == "private"} == {"1"}
     tuned = tomllib.loads((run / tune.TUNED_NAME).read_text())
@@ -117,30 +141,52 @@ def test_smoke_tuning_writes_winners_the_sweep_reads(smoke_tune, tmp_path, backb
         assert float(win["accuracy"]) == max(float(r["accuracy"]) for r in rows
                                              if r["method"] == method and r["phase"] == "private")
         assert tuned["hparams"][method] == tune.fit_kwargs(json.loads(win["hparams"]))
-        assert tuned["nonprivate"][method]["lr"] == json.loads(tune.select(rows, "nonprivate", method)["hparams"])["lr"]
+        # every setting of the non-private winner, "none" included: it must replace the private one's
+        assert tuned["nonprivate"][method] == json.loads(tune.select(rows, "nonprivate", method)["hparams"])
     assert "Budget: 2 trials per method" in (run / tune.TUNED_NAME).read_text()
     # the sweep resolves [hparams] -> [hparams.<method>] -> tuned -> profile
     config = tmp_path / "sweep.toml"
     (tmp_path / "mine.toml").write_text((run / tune.TUNED_NAME).read_text())
     config.write_text(sc.DEFAULT_CONFIG.read_text().replace("[sweep]\n", '[sweep]\ntuned = "mine.toml"\n', 1)
                       .replace('tuned = "dp_taft.presets"', "", 1))
-    _, hparams, nonprivate = sc.load_config(config, "default")
+    sweep, hparams, nonprivate = sc.load_config(config, "default")
+    inf_runs = {r.method: dict(r.hparams) for r in sw.plan_runs(sweep, hparams, nonprivate) if math.isinf(r.epsilon)}
     for method in settings["methods"]:
         expected = {**tuned["hparams"][method]}
         assert {k: hparams[method][k] for k in expected} == expected
-        assert nonprivate[method]["lr"] == tuned["nonprivate"][method]["lr"]
+        # the epsilon = inf runs train with the non-private winner's settings, all of them
+        assert {k: inf_runs[method][k] for k in tuned["nonprivate"][method]} == tuned["nonprivate"][method]
+        config_inf = sc.run_config(method, 2, inf_runs[method], epsilon=None)
+        np_winner = json.loads(tune.select(rows, "nonprivate", method)["hparams"])
+        assert config_inf.privacy.clipping == np_winner["clipping"] and config_inf.optim.lr == np_winner["lr"]
+        assert (config_inf.optim.averaging is None) == (np_winner["averaging"] == "none")
     _, untuned, _ = sc.load_config(config, "default", tuned=False)
     assert untuned["taft"]["lr"] == tomllib.loads(config.read_text())["hparams"]["lr"]
 
 
 def test_resume_skips_finished_trials_and_refuses_another_configuration(smoke_tune, tmp_path):
-    run = smoke_tune / "run"
-    before = len(res.read_rows(run / tune.CSV_NAME))
-    assert tune.main(["--smoke", "--out", str(run), "--cache-dir", str(smoke_tune / "cache"), "--quiet"]) == 0
-    assert len(res.read_rows(run / tune.CSV_NAME)) == before
+    run, cache = smoke_tune / "run", str(smoke_tune / "cache")
+    before = res.read_rows(run / tune.CSV_NAME)
+    assert tune.main(["--smoke", "--out", str(run), "--cache-dir", cache, "--quiet"]) == 0
+    assert len(res.read_rows(run / tune.CSV_NAME)) == len(before)
     other = tmp_path / "t.toml"
     other.write_text(tune.DEFAULT_CONFIG.read_text().replace("search_seed = 0", "search_seed = 5"))
     assert tune.main(["--config", str(other), "--smoke", "--out", str(run), "--quiet"]) == 2
+    # another non-private lr range: the private trials, copied into a new --out, are reused as they are
+    wider = tmp_path / "w.toml"
+    wider.write_text(re.sub(r"(\[nonprivate_space\][^\[]*?)lr = \{[^}]*\}", r"\1lr = { log = [0.02, 20.0] }",
+                            tune.DEFAULT_CONFIG.read_text(), flags=re.DOTALL))
+    assert tune.load_config(wider, "smoke")[2] == {"lr": {"log": [0.02, 20.0]}}
+    assert tune.main(["--config", str(wider), "--smoke", "--out", str(run), "--quiet"]) == 2
+    private = [r for r in before if r["phase"] == "private"]
+    for row in private:
+        res.append_row(tmp_path / "new" / tune.CSV_NAME, row, tune.COLUMNS)
+    assert tune.main(["--config", str(wider), "--smoke", "--out", str(tmp_path / "new"), "--cache-dir", cache,
+                      "--quiet"]) == 0
+    after = res.read_rows(tmp_path / "new" / tune.CSV_NAME)
+    assert [r for r in after if r["phase"] == "private"] == private  # not rerun
+    assert sorted(json.loads(r["hparams"])["lr"] for r in after if r["phase"] == "nonprivate") != sorted(
+        json.loads(r["hparams"])["lr"] for r in before if r["phase"] == "nonprivate")
 
 
 def test_sweep_says_how_to_get_a_missing_tuned_file(tmp_path):
