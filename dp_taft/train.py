@@ -261,9 +261,10 @@ def _training_view(model: nn.Module, dataset: Dataset, eval_set: Dataset | None,
     outputs through :class:`FromPrefix` when ``use_cache`` and fit's cache options (``args``)
     allow it, else the images through ``model``. In a data-parallel run each rank caches and
     evaluates only its own rows (:mod:`~dp_taft.privacy.rank_rows`)."""
-    if len(dataset) < comm.world:
-        raise ValueError(f"{len(dataset)} training examples for {comm.world} ranks: each rank samples its own "
-                         "positions and needs at least one; use fewer processes")
+    for what, data in (("training", dataset), ("evaluation", eval_set)):
+        if data is not None and len(data) < comm.world:
+            raise ValueError(f"{len(data)} {what} examples for {comm.world} ranks: each rank holds its own block of "
+                             "positions and needs at least one; use fewer processes or more examples")
     spec = CacheSpec.parse(args["cache_prefix"], args["cache_dir"], args["cache_dtype"])
     if not use_cache or spec is None:
         return Indexed(dataset), None if eval_set is None else own_rows(eval_set, comm), model

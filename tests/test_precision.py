@@ -18,7 +18,10 @@ from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGr
 
 import dp_taft
 from dp_taft.methods import nlft, taft
+from dp_taft.privacy.distributed import Comm
+from dp_taft.privacy.engine import PrivateEngine
 from dp_taft.privacy.precision import CLIP_TOLERANCE
+from dp_taft.privacy.randomness import NoiseStream
 from dp_taft.tangent.linear import DeltaLinear
 from fit_cases import easy_dataset, tiny_vit, trainable_state
 from test_model_file import FAMILIES
@@ -122,3 +125,36 @@ def test_every_family_trains_in_bf16_with_contributions_within_c(monkeypatch, fa
     assert torch.bfloat16 in linear_dtypes
     norms = [n for n, _ in seen if n > 0]
     assert norms and C * (1 - 1e-3) <= min(norms) and max(norms) <= C * (1 + CLIP_TOLERANCE)
+
+
+def clipped_sums(monkeypatch, mode: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """What each batch adds to Opacus' clipped sum (one flat vector per batch), through the engine fit builds."""
+    added: list[torch.Tensor] = []
+    for cls, name in ((DPOptimizer, "clip_and_accumulate"), (DPOptimizerFastGradientClipping, "accumulate")):
+        def wrapped(self, _original=getattr(cls, name)):
+            _original(self)
+            added.append(torch.cat([p.summed_grad.double().flatten() for p in self.params]))
+
+        monkeypatch.setattr(cls, name, wrapped)
+    model = taft(tiny_vit(), 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    noise = NoiseStream(torch.device("cpu"), secure=False)
+    noise.seed(0)
+    engine = PrivateEngine.build(model, model, torch.optim.SGD(params, lr=0.0), nn.CrossEntropyLoss(),
+                                 grad_sample_mode=mode, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=1.0,
+                                 noise=noise, hook=None, comm=Comm(), precision="bf16")
+    with engine.training():
+        for x, y in batches:
+            engine.physical_step(x, y, torch.arange(len(y)))
+    return added
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+def test_in_bf16_one_example_joining_a_batch_leaves_the_others_contributions(monkeypatch, mode):
+    """Sensitivity C needs the other examples' clipped gradients to be the same with or without
+    one more example in their batch: a mean loss's 1/B rounded in bf16 moved them by ~2e-2·C at
+    B = 32; the summed loss leaves them (tested to 1e-4·C)."""
+    x, y = easy_dataset(33).tensors
+    others, joined, alone = clipped_sums(monkeypatch, mode, [(x[:32], y[:32]), (x, y), (x[32:], y[32:])])
+    assert float((joined - alone - others).norm()) <= 1e-4 * C
+    assert float(others.norm()) > C  # 32 clipped contributions, not an empty sum

@@ -6,6 +6,7 @@ per-sample gradients come from hooks or ghost clipping, nor where the noise come
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -91,15 +92,22 @@ class PrivateEngine:
         """
         clip = NO_CLIP if max_grad_norm is None else max_grad_norm
         ghost, bk = grad_sample_mode == "ghost", grad_sample_mode == "bk"
+        # In bf16 the backward starts from the SUMMED loss: a mean's 1/B would be rounded in bf16
+        # with the batch size B, so one example joining a batch would move every other
+        # example's per-sample gradient (by ~2⁻⁸ each); the optimizer still divides by q·N.
+        reduction = "mean" if precision == "fp32" else "sum"
         if comm.distributed:
             module = DPDDP(module)
         if bk:  # book-keeping: p.grad holds the clipped sum after backward, as in ghost mode
-            gsm = make_bk_module(module, clip)
+            gsm = make_bk_module(module, clip, loss_reduction=reduction)
         else:
-            gsm = prepare_module(module, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean",
-                                 **({"max_grad_norm": clip} if ghost else {}))
+            gsm = prepare_module(module, grad_sample_mode=grad_sample_mode, batch_first=True,
+                                 loss_reduction=reduction, **({"max_grad_norm": clip} if ghost else {}))
             if precision != "fp32":
                 sample_in_parameter_precision(gsm)
+        if reduction == "sum":
+            criterion = copy.copy(criterion)
+            criterion.reduction = "sum"
         base = get_optimizer_class(clipping="flat", distributed=comm.distributed,
                                    grad_sample_mode="ghost" if bk else grad_sample_mode)
         opt_class = base if noise.kind == "cuda" else noise_optimizer_class(base)
@@ -181,7 +189,7 @@ class PrivateEngine:
                 self.hook(indices, self.optimizer.params)
             if self.normalize is not None:
                 self._normalize(*self.normalize)
-            loss_sum = float(batch_loss.item()) * len(y)
+            loss_sum = float(batch_loss.item()) * (len(y) if self.precision == "fp32" else 1)  # bf16: a sum
         if claimed is not None:
             self.hook.add_clipped(indices[claimed], self.optimizer.params)
         self.optimizer.step()

@@ -10,19 +10,26 @@ computed in the parameters' precision (float32):
   wrapped by :func:`in_parameter_precision`), so each example's gradient g_i, its norm
   ‖g_i‖, the clip factor c_i = min(1, C / (‖g_i‖ + 1e-6)) and the clipped sum Σ c_i g_i are
   float32 computations on the same g_i;
-* the noise N(0, σ²C²) is drawn in float64 and added to the float32 sum; the update of Δw,
-  the optimiser state and the parameters stay float32.
+* the backward starts from the summed loss, not the mean: a 1/B rounded in bf16 would make
+  every example's gradient depend on how many others share its batch (measured: the others'
+  clipped sum moved by 2-3 % of C when one example joined a batch of 32);
+* the noise N(0, σ²C²) is drawn in float64 on CPU and in secure mode, in float32 (torch's
+  Philox) on CUDA, and added to the float32 sum; the update of Δw, the optimiser state and
+  the parameters stay float32.
 
 So each clipped contribution has norm ≤ C up to float32 rounding of its own norm, which we
 test to ≤ C·(1 + :data:`CLIP_TOLERANCE`) (``tests/test_precision.py``), and the noise has
 std σ·C exactly as in a float32 run: the guarantee is the float32 run's. bf16 changes *which*
-g_i an example produces (its activations are rounded to 8 significant bits), a fixed
-function of that example alone, hence not the privacy argument, only the accuracy.
+g_i an example produces (its activations are rounded to 8 significant bits), a function of
+that example (tested: unchanged to 1e-4·C when another example joins its batch), hence not
+the privacy argument, only the accuracy. Kernels whose rounding depends on the batch size
+can still move it in its last bits, as in float32.
 
 Ghost clipping is refused in bf16: its clipped sum is a second backward pass, which would
 run in bf16 and could carry a contribution above C by the rounding of bf16 (2⁻⁸).
-fp16 is not offered: it needs loss scaling, and a scaled per-sample gradient must be
-unscaled before its norm, which Opacus' and our samplers do not do; bf16 has float32's range.
+fp16 is not offered (the config refuses it): it needs loss scaling, and a scaled per-sample
+gradient must be unscaled before its norm, which Opacus' and our samplers do not do; bf16
+has float32's range.
 """
 
 from __future__ import annotations
@@ -50,8 +57,7 @@ def check_precision(precision: str, device: str | torch.device, grad_sample_mode
     """Refuse a precision this device (``"cpu"``, ``"cuda:1"``, ...) or clipping mode cannot run with the
     guarantee intact."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r} (fp16 is not offered: "
-                         "it needs loss scaling, which per-sample clipping would have to undo; use 'bf16')")
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return
     if grad_sample_mode == "ghost":
@@ -97,13 +103,11 @@ def in_parameter_precision(sampler: Callable[..., dict[nn.Parameter, torch.Tenso
 
 
 def sample_in_parameter_precision(gsm: nn.Module) -> None:
-    """Make Opacus' ``gsm`` (a GradSampleModule) use :func:`in_parameter_precision` samplers.
+    """Make Opacus' ``gsm`` (a GradSampleModule, hooks mode) use :func:`in_parameter_precision` samplers.
 
-    Opacus looks its samplers up as ``self.GRAD_SAMPLERS`` / ``self.NORM_SAMPLERS``: instance
-    copies with wrapped functions leave the class-wide registries untouched.
+    Opacus looks its samplers up as ``self.GRAD_SAMPLERS``: an instance copy with wrapped
+    functions leaves the class-wide registry untouched. (Ghost mode's norm samplers are not
+    wrapped: ghost clipping is refused in bf16.)
     """
-    for table in ("GRAD_SAMPLERS", "NORM_SAMPLERS"):
-        registry = getattr(gsm, table, None)
-        if registry is not None:
-            setattr(gsm, table, {cls: in_parameter_precision(fn) for cls, fn in registry.items()})
+    gsm.GRAD_SAMPLERS = {cls: in_parameter_precision(fn) for cls, fn in gsm.GRAD_SAMPLERS.items()}
 

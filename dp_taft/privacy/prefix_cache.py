@@ -6,7 +6,8 @@ twice the store); held in RAM when it fits (below :data:`RAM_FRACTION` of the av
 else memory-mapped from a file the OS pages in and out; optionally stored in 16 bits; and, under
 a named directory, kept for reuse, marked complete by a metadata file written atomically after
 the data (a crash mid-build is never reused). A stored cache is reused only for the same prefix,
-dtype and data, every example of it: see :func:`build_prefix_cache` for what that check costs.
+dtype, compute precision, rank layout and data, every example of it: see
+:func:`build_prefix_cache` for what that check costs.
 
 16-bit storage rounds each value: bfloat16 to 8 significant bits (relative error ≤ 2⁻⁸ ≈ 0.4 %),
 float16 to 11 (≤ 2⁻¹¹ ≈ 0.05 %; values beyond its range, |x| > 65504, are refused). Training
