@@ -72,6 +72,7 @@ class PrivateEngine:
     hook: GradSampleHook | None
     normalize: tuple[float, float] | None = None  # automatic clipping's (C, γ), None for flat clipping
     precision: str = "fp32"  # the forward's autocast (dp_taft.privacy.precision); privacy arithmetic stays fp32
+    loss_reduction: str = "mean"  # how loss_fn reduces a batch: "sum" in bf16 (see build)
     executed: int = 0
 
     @classmethod
@@ -118,7 +119,7 @@ class PrivateEngine:
                            generator=noise.generator)
         dp_opt.noise_stream = noise
         loss_fn = DPLossFastGradientClipping(gsm, dp_opt, criterion, "mean") if ghost else criterion
-        engine = cls(model, gsm, dp_opt, loss_fn, ghost, hook, normalize, precision)
+        engine = cls(model, gsm, dp_opt, loss_fn, ghost, hook, normalize, precision, reduction)
         dp_opt.attach_step_hook(engine._count)  # Opacus calls it after each noised step
         return engine
 
@@ -189,7 +190,7 @@ class PrivateEngine:
                 self.hook(indices, self.optimizer.params)
             if self.normalize is not None:
                 self._normalize(*self.normalize)
-            loss_sum = float(batch_loss.item()) * (len(y) if self.precision == "fp32" else 1)  # bf16: a sum
+            loss_sum = float(batch_loss.item()) * (len(y) if self.loss_reduction == "mean" else 1)
         if claimed is not None:
             self.hook.add_clipped(indices[claimed], self.optimizer.params)
         self.optimizer.step()
