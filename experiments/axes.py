@@ -85,11 +85,18 @@ def backbone_accuracy(epochs: int, cache_dir: Path) -> float:
 
 def size_argv(n: int, methods: Sequence[str], profile: str = "default") -> list[str]:
     """Sweep options for N = ``n`` private examples: each method's batch size of the sweep config's
-    ``profile`` scaled by ``n`` / the profile's N, so that q, the steps and σ stay the tuned run's."""
-    sweep, hparams, _ = sc.load_config(sc.DEFAULT_CONFIG, profile)
+    ``profile``, private and non-private (their tuned batches differ), scaled by ``n`` / the
+    profile's N, so that q and the steps stay the tuned run's (and σ, when private)."""
+    sweep, hparams, nonprivate = sc.load_config(sc.DEFAULT_CONFIG, profile)
     scale = n / sweep["private_train_size"]
+
+    def scaled(batch: int) -> int:
+        return max(1, round(batch * scale))
+
     return ["--private-train-size", str(n),
-            *(f"--set={m}.batch_size={max(1, round(hparams[m]['batch_size'] * scale))}" for m in methods)]
+            *(f"--set={m}.batch_size={scaled(hparams[m]['batch_size'])}" for m in methods),
+            *(f"--set=nonprivate.{m}.batch_size={scaled({**hparams[m], **nonprivate[m]}['batch_size'])}"
+              for m in methods)]
 
 
 def sweep_argv(axis: str, value: int, args: argparse.Namespace) -> list[str]:

@@ -215,7 +215,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--delta", type=float)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="[nonprivate.][METHOD.]KEY=VALUE",
                    help="hyperparameter override, e.g. --set taft.lr=1.0 --set epochs=5 --set nonprivate.lr=0.1 "
-                        "(repeatable; nonprivate.* applies to the ε = inf runs only)")
+                        "(repeatable, in order; without nonprivate. it holds for the method's ε = inf runs too, "
+                        "nonprivate.* for those only)")
     p.add_argument("--dataset", choices=DATASETS, default="default",
                    help="'default' = offline Fashion-MNIST 5-9 task; others via torchvision")
     p.add_argument("--data-root", type=Path, default=Path("data"), help="torchvision data directory")

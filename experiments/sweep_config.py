@@ -62,8 +62,9 @@ def load_config(
     Hyperparameters resolve as [hparams] -> [hparams.<method>] -> the tuned file's
     [hparams.<method>] (the ``tuned`` key: a file relative to ``path``, or "dp_taft.presets" for
     the settings shipped with dp_taft; skipped when ``tuned`` is False or the key is "") -> the
-    profile's hparams; non-private overrides as [nonprivate]
-    -> [nonprivate.<method>] -> the tuned file's [nonprivate.<method>].
+    profile's hparams; non-private overrides as [nonprivate] -> [nonprivate.<method>] -> the
+    tuned file's [nonprivate.<method>] -> the profile's hparams again: a profile sets the scale
+    of every run (a smoke profile's batch of 32 on 128 examples), private or not.
     """
     cfg, prof = read_profiled(path, ("sweep", "hparams", "nonprivate"), profile)
     sweep = {"tuned": "", **cfg.get("sweep", {})}
@@ -85,7 +86,8 @@ def load_config(
     t_per, t_np = _load_tuned(tuned_file) if sweep["tuned"] else ({}, {})
     hparams = {m: {**base, **per.get(m, {}), **t_per.get(m, {}), **p_base, **p_per.get(m, {})} for m in METHODS}
     np_base, np_per = split_hparams(cfg.get("nonprivate", {}), "[nonprivate]")
-    nonprivate = {m: {**np_base, **np_per.get(m, {}), **t_np.get(m, {})} for m in METHODS}
+    nonprivate = {m: {**np_base, **np_per.get(m, {}), **t_np.get(m, {}), **p_base, **p_per.get(m, {})}
+                  for m in METHODS}
     for m in METHODS:
         stray = (set(hparams[m]) | set(nonprivate[m])) & HEAD_KEYS if m != "taft_head" else set()
         if stray:
@@ -95,15 +97,18 @@ def load_config(
 
 def apply_sets(hparams: dict[str, dict[str, Any]], sets: Sequence[str],
                nonprivate: dict[str, dict[str, Any]] | None = None) -> None:
-    """Apply ``--set [nonprivate.][METHOD.]KEY=VALUE`` overrides in place: KEY an option of
-    dp_taft.TrainConfig (flat, or "group.name"), VALUE parsed as TOML, else a string."""
+    """Apply ``--set [nonprivate.][METHOD.]KEY=VALUE`` overrides in place, in order: KEY an option of
+    dp_taft.TrainConfig (flat, or "group.name"), VALUE parsed as TOML, else a string. The command
+    line is the last word for every run it names: without ``nonprivate.`` the value holds for the
+    method's private and non-private runs alike (the tuned non-private settings hold every key,
+    and must not silently outvote it); with it, for the non-private runs only."""
     for item in sets:
         name, value = parse_assignment(item)
-        target = hparams
+        targets = [hparams] if nonprivate is None else [hparams, nonprivate]
         if name.startswith("nonprivate."):
             if nonprivate is None:
                 raise ValueError(f"--set {item!r}: no non-private overrides here")
-            target, name = nonprivate, name.removeprefix("nonprivate.")
+            targets, name = [nonprivate], name.removeprefix("nonprivate.")
         method, dot, key = name.partition(".")
         if not (dot and method in METHODS):  # no method: every method's, the key maybe "group.name"
             method, key = "", name
@@ -111,8 +116,9 @@ def apply_sets(hparams: dict[str, dict[str, Any]], sets: Sequence[str],
             key = hparam_key(key)
         except ValueError as e:
             raise ValueError(f"--set {item!r}: {e}") from None
-        for m in [method] if method else METHODS:
-            target[m][key] = value
+        for target in targets:
+            for m in [method] if method else METHODS:
+                target[m][key] = value
 
 
 def hparam_key(key: str) -> str:

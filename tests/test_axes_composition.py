@@ -20,11 +20,18 @@ def test_axis_points_share_the_default_and_scale_batches_with_n(tmp_path):
     assert list(pts.values())[-3:] == ["default"] * 3  # last: a main sweep running alongside has finished it
     assert axes.AXES["k"][0] == (1, 2, 3, 4, 5, 6)  # up to the default ViT's depth
     args = argparse.Namespace(methods=["taft", "nlft"], cache_dir=tmp_path)
-    _, hparams, _ = sc.load_config(sc.DEFAULT_CONFIG, "default")
+    _, hparams, nonprivate = sc.load_config(sc.DEFAULT_CONFIG, "default")
     argv = axes.sweep_argv("size", 1000, args)
     assert argv[argv.index("--private-train-size") + 1] == "1000"
     for m in ("taft", "nlft"):
         assert f"--set={m}.batch_size={max(1, round(hparams[m]['batch_size'] / 10))}" in argv
+    # the non-private runs' batch (tuned apart) scales too: q stays the tuned run's at every N
+    scaled_hp, scaled_np = sc.load_config(sc.DEFAULT_CONFIG, "default")[1:]
+    sc.apply_sets(scaled_hp, [a.removeprefix("--set=") for a in argv if a.startswith("--set=")], scaled_np)
+    for m in ("taft", "nlft"):
+        tuned = {**hparams[m], **nonprivate[m]}["batch_size"]
+        assert {**scaled_hp[m], **scaled_np[m]}["batch_size"] == max(1, round(tuned / 10))
+        assert scaled_hp[m]["batch_size"] == max(1, round(hparams[m]["batch_size"] / 10))
     assert axes.sweep_argv("k", 6, args) == ["--blocks", "6"]
     assert axes.sweep_argv("k", 2, args) == []
     assert axes.sweep_argv("backbone", 8, args) == []

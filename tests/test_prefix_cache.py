@@ -378,3 +378,14 @@ def test_the_sweep_computes_each_distinct_prefix_once(tmp_path, backbone_file, m
     calls.clear()
     assert sweep.main([*argv, "--out", str(tmp_path / "recomputed"), "--no-prefix-reuse"]) == 0
     assert calls == ["LinearProbe"] * 8 + ["TangentViT"] * 8 + ["NLFTViT"] * 8
+
+
+def test_stored_parts_reads_back_every_rank_layout_of_this_prefix_and_nothing_else(tmp_path):
+    salt, model = load_salt(tmp_path), taft(tiny_vit(), 1)
+    key = CacheKey.of(salt, model, len(TRAIN), torch.float32)
+    other_n = CacheKey.of(salt, model, len(TRAIN) + 1, torch.float32)
+    for k in (CacheKey(salt, key.fields, "w2r0"), CacheKey(salt, key.fields, "w2r1"), key, other_n):
+        (tmp_path / f"{k.name('d' * 32)}.meta.pt").touch()
+    (tmp_path / f"{CacheKey(salt, key.fields, 'w3r2').layout}.host.1.part").touch()  # unfinished: not stored
+    assert key.stored_parts(tmp_path) == ["w1r0", "w2r0", "w2r1"]
+    assert other_n.stored_parts(tmp_path) == ["w1r0"]

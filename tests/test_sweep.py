@@ -75,6 +75,11 @@ def test_profiles_resolve(profile):
         assert dict(r.hparams) == want
     assert {r.method for r in runs} == set(sweep_config.METHODS)
     assert any(math.isinf(r.epsilon) for r in runs) and s["delta"] < 1 / s["private_train_size"]
+    # a profile sets every run's scale: the tuned non-private settings (every key) do not outvote it
+    prof = sweep_config.read_profiled(sweep_config.DEFAULT_CONFIG, ("sweep", "hparams", "nonprivate"), profile)[1]
+    base, per = sweep_config.split_hparams(prof.get("hparams", {}), "profile")
+    for r in runs:
+        assert {**base, **per.get(r.method, {})}.items() <= dict(r.hparams).items(), r
     if profile == "default":
         assert sorted(s["epsilons"]) == [1, 3, 8, math.inf] and s["seeds"] == [0, 1] and s["blocks"] == [2]
         assert len(runs) == 32  # 4 methods x 4 epsilons x 2 seeds
@@ -91,6 +96,9 @@ def test_config_errors(tmp_path):
     sweep_config.apply_sets(hp, ["taft.lr=2.0", "epochs=7", "loss=square", "nonprivate.nlft.lr=0.25"], nonpriv)
     assert hp["taft"]["lr"] == 2.0 and hp["fc"]["lr"] != 2.0 and hp["nlft"]["epochs"] == 7
     assert hp["fc"]["loss"] == "square" and nonpriv["nlft"]["lr"] == 0.25 and hp["nlft"]["lr"] != 0.25
+    # the command line outvotes the tuned non-private settings (which hold every key) for the runs it names
+    assert nonpriv["nlft"]["epochs"] == 7 and nonpriv["fc"]["loss"] == "square" and nonpriv["fc"]["lr"] != 2.0
+    assert nonpriv["taft"]["lr"] == 2.0
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         sweep_config.apply_sets(hp, ["taft.lrr=1"])
     sweep_config.apply_sets(hp, ["taft.averaging=ema", "taft.lr_schedule=cosine", "taft.warmup=0.1"])  # fit's toolbox

@@ -386,7 +386,7 @@ def _say_why_not_reused(directory: Path, key: CacheKey, held: bool, desc: str, q
         _say(f"prefix cache ({desc}): the caches of this prefix in {directory} did not match the data (they "
              "hold other data, or an earlier version of it): computing it again", quiet)
         return
-    layouts = sorted({p.name.split("-")[1] for p in directory.glob(f"{key.group}-w*.meta.pt")})
+    layouts = key.stored_parts(directory)
     if layouts:
         _say(f"prefix cache ({desc}): {directory} holds caches of this prefix for other rank layouts "
              f"({', '.join(layouts)}; w<world size>r<rank>), not for this one ({key.part}): computing this "

@@ -161,6 +161,12 @@ class CacheKey:
         """``group-part-`` and 32 hex digits: the cache of these rows over the data of ``data_digest``."""
         return f"{self.layout}-{_keyed(self.salt, [*self.fields, self.part, data_digest])}"
 
+    def stored_parts(self, directory: Path) -> list[str]:
+        """The ``part`` of every complete cache of this prefix, N, dtype and precision in
+        ``directory`` (whatever its rank layout), read back from the names :meth:`name` gives."""
+        start = f"{self.group}-"
+        return sorted({p.name[len(start):].split("-", 1)[0] for p in directory.glob(f"{start}w*.meta.pt")})
+
 
 def tensor_digest(dataset: Dataset, salt: bytes) -> str | None:
     """Keyed digest of a plain TensorDataset from all its tensors' bytes (in RAM: about a second
