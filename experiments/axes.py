@@ -257,6 +257,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.axes", description=__doc__.split("\n\n")[0])
     p.add_argument("--axes", nargs="+", choices=sorted(AXES), default=list(AXES))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["taft_head", "nlft"])
+    p.add_argument("--values", nargs="+", type=int, default=None,
+                   help="run only the points with these values of the axes now (e.g. --axes k --values 6); "
+                        "the summary still covers every point")
     p.add_argument("--epsilons", nargs="+", type=float, default=[3.0], help="target ε; inf = non-private")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--out", type=Path, default=Path("results") / "axes")
@@ -273,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.report_only:
         for (axis, value), name in points(args.axes).items():
+            if args.values is not None and value not in args.values:
+                continue
             fixed = name == "default" and args.default_dir is not None
             code = run_point(args.default_dir if fixed else args.out / name, sweep_argv(axis, value, args),
                              args.methods, args.epsilons, args.seeds, fixed=fixed)

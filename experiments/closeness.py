@@ -260,7 +260,8 @@ def write_outputs(grid: Mapping[str, Any], out: Path, cache_dir: Path) -> list[d
         "drawn from the training images in no private training set; these numbers never stand in for the "
         "default task's. Private task as the sweep's: classes 5-9, fresh 5-way head, test on all 5,000 test "
         f"images of classes 5-9, k = {grid['blocks']}, δ = {', '.join(deltas) or '—'}, batch size scaled with N; "
-        f"tuned settings of dp_taft/presets/tuned.toml; ε = ∞ learning rates: {', '.join(lrs) or '—'}.", "",
+        f"tuned settings of dp_taft/presets/tuned.toml, at ε = ∞ its [nonprivate.<method>] tables (lr "
+        f"{', '.join(lrs) or '—'}).", "",
         "## Backbones", "", *_backbone_lines(grid, cache_dir),
         "## Where TAFT is ahead", "", *_boundary_lines(found, grid, eps),
         "## Test accuracy (%), mean ± std over seeds", "",

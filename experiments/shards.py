@@ -151,7 +151,7 @@ def run_one(run: sw.Run, n_shards: int, task: Task, settings: dict[str, Any], ou
     ``ids``: stable ids of ``task.train``'s examples (their content ids: deleting one example
     moves no other between shards, which positions would); ``key``: the secret partition key.
     ``out`` None: a torchrun rank other than 0, which trains its shards and writes nothing."""
-    hp = dict(run.hparams)
+    hp = sc.fit_values(dict(run.hparams))
     rid = run_id(n_shards, run.epsilon, run.seed)
     n = len(task.train)
     batch = max(1, round(hp["batch_size"] / n_shards))

@@ -19,7 +19,7 @@ from dp_taft.presets import LABEL_METHODS, TUNED_FILE, load_tuned, method_tables
 from experiments.config import read_profiled
 
 __all__ = ["DEFAULT_CONFIG", "HPARAM_KEYS", "METHODS", "RUN_OPTIONS", "apply_sets", "check_hparams",
-           "check_sweep", "hparam_key", "load_config", "run_config", "split_hparams"]
+           "check_sweep", "fit_values", "hparam_key", "load_config", "run_config", "split_hparams"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("sweep.toml")
 #: The methods by their labels in configs and results (dp_taft.presets.METHOD_LABELS), in output order.
@@ -170,6 +170,13 @@ def check_sweep(sweep: dict[str, Any]) -> None:
     if not isinstance(sweep["reproducible"], bool):
         raise ValueError(f"reproducible must be true or false, got {sweep['reproducible']!r}")
     TrainConfig.create(accountant=sweep["accountant"])  # one of dp_taft's accountants
+
+
+def fit_values(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` as the config files write them, as :func:`dp_taft.fit` keywords (``"none"`` = None:
+    a tuned non-private table spells "no averaging" so, to replace a private winner's)."""
+    config = TrainConfig.create().with_values(hparams)
+    return {name: getattr(getattr(config, OPTIONS[name]), name) for name in map(option_name, hparams)}
 
 
 def run_config(method: str, k: int, hparams: dict[str, Any], **run_options: Any) -> TrainConfig:

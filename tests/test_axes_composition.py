@@ -102,3 +102,14 @@ def test_average_weights_averages_only_trainable_parameters():
     avg = composition.average_weights([a, b])
     assert torch.allclose(avg.weight, (a.weight + b.weight) / 2)
     assert torch.equal(avg.bias, a.bias) and not torch.equal(avg.bias, b.bias)
+
+
+def test_values_runs_only_the_named_points_of_an_axis(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(axes, "run_point", lambda point, argv, *a, **k: ran.append((point.name, argv)) or 0)
+    monkeypatch.setattr(axes, "write_outputs", lambda args: None)
+    assert axes.main(["--axes", "k", "--values", "6", "1", "--out", str(tmp_path)]) == 0
+    assert ran == [("k-1", ["--blocks", "1"]), ("k-6", ["--blocks", "6"])]
+    ran.clear()
+    assert axes.main(["--axes", "k", "--out", str(tmp_path)]) == 0
+    assert [name for name, _ in ran] == ["k-1", "k-3", "k-4", "k-5", "k-6", "default"]
