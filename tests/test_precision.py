@@ -71,6 +71,18 @@ def test_every_clipped_contribution_has_norm_at_most_c(monkeypatch, method, mode
     assert all(p.dtype == torch.float32 for p in trainable_state(result.model).values())
 
 
+@pytest.mark.parametrize("method", [taft, nlft])
+def test_automatic_clipping_in_bf16_keeps_every_contribution_within_c(monkeypatch, method):
+    # Automatic clipping rescales the per-sample gradients themselves (C·g/(‖g‖ + γ)): in fp32,
+    # as they are formed from float32 casts; a bf16 rescale would overshoot C by up to 2⁻⁸.
+    seen = record_contributions(monkeypatch)
+    dp_taft.fit(method(tiny_vit(), 1), easy_dataset(60), precision="bf16", clipping="automatic",
+                clipping_gamma=1e-8, **BASE)  # γ ≪ ‖g‖: each contribution is C to ~1e-7, no margin
+    norms = [n for n, _ in seen if n > 0]
+    assert len(norms) >= 30 and all(dtypes == {torch.float32} for _, dtypes in seen)
+    assert max(norms) <= C * (1 + CLIP_TOLERANCE) and min(norms) >= C * (1 - 1e-3)
+
+
 def test_noise_has_std_sigma_c_in_float32_under_bf16():
     """All per-sample gradients erased, q = 1, SGD lr 1, one step: Δw = −noise/(q·N)."""
     def erase(indices, params):
