@@ -268,7 +268,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "sweeps); e.g. the main sweep's --out, whose runs at these ε and seeds are then reused")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where pretrained backbones are kept")
     p.add_argument("--report-only", action="store_true", help="only rewrite summary.md and the figures")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    on_axes = {v for a in args.axes for v in AXES[a][0]}
+    if args.values is not None and set(args.values) - on_axes:
+        p.error(f"--values {sorted(set(args.values) - on_axes)} on none of the axes {args.axes} "
+                f"(their values: {sorted(on_axes)})")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,8 +112,8 @@ def load_config(path: str | Path, profile: str, sweep_config: str | Path = sc.DE
     shared, per = sc.split_hparams(prof_hp, f"[profiles.{profile}.hparams]")
     if set(per) - {"taft"}:
         raise ValueError(f"[profiles.{profile}.hparams]: only a [.taft] sub-table makes sense here, got {sorted(per)}")
-    hp = {**hparams["taft"], **shared, **per.get("taft", {})}
-    return settings, hp, dict(nonprivate["taft"])
+    profile_hp = {**shared, **per.get("taft", {})}  # this profile's scale holds for the ε = ∞ runs too
+    return settings, {**hparams["taft"], **profile_hp}, {**nonprivate["taft"], **profile_hp}
 
 
 def _check(settings: dict[str, Any]) -> None:
@@ -322,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hparams = {m: dict(hp) for m in sc.METHODS}
         nonpriv = {m: dict(nonprivate) for m in sc.METHODS}
         sc.apply_sets(hparams, args.sets, nonpriv)
+        sc.check_hparams(hparams, nonpriv)
         _check(settings)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,7 +25,10 @@ def test_axis_points_share_the_default_and_scale_batches_with_n(tmp_path):
     assert argv[argv.index("--private-train-size") + 1] == "1000"
     for m in ("taft", "nlft"):
         assert f"--set={m}.batch_size={max(1, round(hparams[m]['batch_size'] / 10))}" in argv
-    # the non-private runs' batch (tuned apart) scales too: q stays the tuned run's at every N
+    # the non-private runs' batch (tuned apart, maybe to another size) scales too: q stays the tuned run's
+    for m in ("taft", "nlft"):
+        tuned = {**hparams[m], **nonprivate[m]}["batch_size"]
+        assert f"--set=nonprivate.{m}.batch_size={max(1, round(tuned / 10))}" in argv
     scaled_hp, scaled_np = sc.load_config(sc.DEFAULT_CONFIG, "default")[1:]
     sc.apply_sets(scaled_hp, [a.removeprefix("--set=") for a in argv if a.startswith("--set=")], scaled_np)
     for m in ("taft", "nlft"):
@@ -113,3 +116,5 @@ def test_values_runs_only_the_named_points_of_an_axis(tmp_path, monkeypatch):
     ran.clear()
     assert axes.main(["--axes", "k", "--out", str(tmp_path)]) == 0
     assert [name for name, _ in ran] == ["k-1", "k-3", "k-4", "k-5", "k-6", "default"]
+    with pytest.raises(SystemExit):  # a value on none of the chosen axes runs nothing: refused
+        axes.main(["--axes", "k", "--values", "7", "--out", str(tmp_path)])
