@@ -95,8 +95,8 @@ def size_argv(n: int, methods: Sequence[str], profile: str = "default") -> list[
 
     return ["--private-train-size", str(n),
             *(f"--set={m}.batch_size={scaled(hparams[m]['batch_size'])}" for m in methods),
-            *(f"--set=nonprivate.{m}.batch_size={scaled({**hparams[m], **nonprivate[m]}['batch_size'])}"
-              for m in methods)]
+            *(f"--set=nonprivate.{m}.batch_size="
+              f"{scaled(sc.method_hparams(hparams, nonprivate, m, private=False)['batch_size'])}" for m in methods)]
 
 
 def sweep_argv(axis: str, value: int, args: argparse.Namespace) -> list[str]:
@@ -116,7 +116,7 @@ def settings_tag(argv: Sequence[str], methods: Sequence[str], private: bool) -> 
     profile = argv[argv.index("--profile") + 1] if "--profile" in argv else "default"
     _, hparams, nonprivate = sc.load_config(sc.DEFAULT_CONFIG, profile)
     sc.apply_sets(hparams, [a.removeprefix("--set=") for a in argv if a.startswith("--set=")], nonprivate)
-    chosen = {m: {**hparams[m], **({} if private else nonprivate[m])} for m in methods}
+    chosen = {m: sc.method_hparams(hparams, nonprivate, m, private=private) for m in methods}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -57,7 +57,7 @@ from dp_taft.privacy.checkpoint import discard_keys
 from dp_taft.recipes import finetune
 from experiments import results as res
 from experiments.sweep_config import (
-    DEFAULT_CONFIG, METHODS, apply_sets, check_hparams, check_sweep, load_config, run_config,
+    DEFAULT_CONFIG, METHODS, apply_sets, check_hparams, check_sweep, load_config, method_hparams, run_config,
 )
 from experiments.sweep_outputs import COLUMNS, CSV_NAME, PLOT_NAME, SUMMARY_NAME, write_outputs
 from experiments.task import DATASETS, Task, build_task
@@ -112,7 +112,7 @@ def plan_runs(sweep: dict[str, Any], hparams: dict[str, dict[str, Any]],
                 continue
             for k in ([0] if method == "fc" else sorted(set(sweep["blocks"]))):
                 for eps in sorted({float(e) for e in sweep["epsilons"]}):
-                    hp = {**hparams[method], **((nonprivate or {}).get(method, {}) if math.isinf(eps) else {})}
+                    hp = method_hparams(hparams, nonprivate, method, private=math.isfinite(eps))
                     runs.append(Run(method, k, seed, eps, tuple(sorted(hp.items()))))
     return runs
 

@@ -19,7 +19,7 @@ from dp_taft.presets import LABEL_METHODS, TUNED_FILE, load_tuned, method_tables
 from experiments.config import read_profiled
 
 __all__ = ["DEFAULT_CONFIG", "HPARAM_KEYS", "METHODS", "RUN_OPTIONS", "apply_sets", "check_hparams",
-           "check_sweep", "fit_values", "hparam_key", "load_config", "run_config", "split_hparams"]
+           "check_sweep", "fit_values", "hparam_key", "load_config", "method_hparams", "run_config", "split_hparams"]
 
 DEFAULT_CONFIG = Path(__file__).with_name("sweep.toml")
 #: The methods by their labels in configs and results (dp_taft.presets.METHOD_LABELS), in output order.
@@ -136,7 +136,8 @@ def hparam_key(key: str) -> str:
 def check_hparams(hparams: dict[str, dict[str, Any]], nonprivate: dict[str, dict[str, Any]]) -> None:
     """Refuse a hyperparameter of the wrong type or outside its choices before any run starts."""
     for m in METHODS:
-        for hp, where in ((hparams[m], m), ({**hparams[m], **nonprivate[m]}, f"{m} (non-private)")):
+        for private, where in ((True, m), (False, f"{m} (non-private)")):
+            hp = method_hparams(hparams, nonprivate, m, private=private)
             try:
                 run_config(m, 0, hp)
             except ValueError as e:
@@ -170,6 +171,13 @@ def check_sweep(sweep: dict[str, Any]) -> None:
     if not isinstance(sweep["reproducible"], bool):
         raise ValueError(f"reproducible must be true or false, got {sweep['reproducible']!r}")
     TrainConfig.create(accountant=sweep["accountant"])  # one of dp_taft's accountants
+
+
+def method_hparams(hparams: dict[str, dict[str, Any]], nonprivate: dict[str, dict[str, Any]] | None,
+                   method: str, *, private: bool) -> dict[str, Any]:
+    """The hyperparameters a run of ``method`` takes: ``hparams[method]``, with the method's
+    non-private overrides laid over them when the run is not ``private`` (ε = ∞)."""
+    return {**hparams[method], **({} if private else (nonprivate or {}).get(method, {}))}
 
 
 def fit_values(hparams: dict[str, Any]) -> dict[str, Any]:
