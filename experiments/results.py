@@ -1,4 +1,4 @@
-"""Result files shared by the experiments: an append-only CSV, a markdown table, a plot.
+"""Result files shared by the experiments: an append-only CSV and a markdown table.
 
 Nothing here knows the sweep's columns: writers take the column, grouping and value
 names, so other experiments (e.g. the shard experiment) reuse them with their own.
@@ -7,8 +7,8 @@ names, so other experiments (e.g. the shard experiment) reuse them with their ow
   flushed and fsynced as it is written, so a killed experiment loses at most the run in
   progress and a rerun can skip what is done (a torn last line is ignored).
 * :func:`aggregate` / :func:`markdown_table`: mean ± std over repeats (seeds) per cell.
-* :func:`plot_curves`: y against x per group with error bars over repeats; log x axis,
-  with x = ∞ (e.g. non-private) drawn in a separate panel on the right.
+
+The figure drawn from these rows is :func:`experiments.plots.plot_curves`.
 
 CSV values are strings; :func:`to_float` reads numbers back ("" -> NaN, "inf" -> ∞).
 """
@@ -20,7 +20,6 @@ import io
 import math
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,6 @@ __all__ = [
     "latest",
     "markdown_table",
     "paired_differences",
-    "plot_curves",
     "read_rows",
     "to_float",
 ]
@@ -291,113 +289,6 @@ def markdown_table(
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- plot
-def plot_curves(
-    path: str | Path,
-    rows: Iterable[Row],
-    *,
-    x: str,
-    y: str,
-    group: str,
-    group_order: Sequence[str] | None = None,
-    group_label: Callable[[str], str] = str,
-    xlabel: str = "",
-    ylabel: str = "",
-    title: str = "",
-    scale: float = 1.0,
-    log_x: bool = True,
-    inf_label: str = "∞",
-) -> Path:
-    """Plot mean ``y`` (× ``scale``) against ``x`` per ``group``, error bars = std over repeats; save a PNG.
-
-    Points with x = ∞ go to a narrow panel on the right labelled ``inf_label`` (a log
-    axis cannot show them); groups are offset there so their bars do not overlap.
-    Rows that are not ok (see :func:`aggregate`) are left out. Returns ``path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(rows)
-    stats = aggregate(rows, (group, x), y)
-    groups = list(group_order) if group_order is not None else list(dict.fromkeys(r[group] for r in rows))
-    groups = [g for g in groups if any(k[0] == g and s.n for k, s in stats.items())]
-    has_inf = any(math.isinf(to_float(k[1])) and s.n for k, s in stats.items())
-    finite_x = sorted({to_float(k[1]) for k, s in stats.items() if s.n and math.isfinite(to_float(k[1]))})
-
-    plt.rcParams.update({"font.size": 12})
-    if has_inf and finite_x:
-        fig, (ax, ax_inf) = plt.subplots(
-            1, 2, sharey=True, figsize=(8, 5), gridspec_kw={"width_ratios": [5, 1], "wspace": 0.05}
-        )
-    elif has_inf:
-        fig, ax_inf = plt.subplots(figsize=(4, 5))
-        ax = None
-    else:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        ax_inf = None
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = "osD^vP*Xh<>"
-    for i, g in enumerate(groups):
-        style = dict(color=colors[i % len(colors)], marker=markers[i % len(markers)], capsize=4, markersize=7,
-                     linewidth=2, elinewidth=1.5)
-        pts = sorted((to_float(k[1]), s) for k, s in stats.items() if k[0] == g and s.n)
-        fin = [(xv, s) for xv, s in pts if math.isfinite(xv)]
-        inf = [s for xv, s in pts if math.isinf(xv)]
-        if ax is not None and fin:
-            ax.errorbar([p[0] for p in fin], [p[1].mean * scale for p in fin], yerr=[p[1].std * scale for p in fin],
-                        label=group_label(g), **style)
-        if ax_inf is not None and inf:
-            offset = (i - (len(groups) - 1) / 2) * 0.12
-            ax_inf.errorbar([offset], [inf[0].mean * scale], yerr=[inf[0].std * scale],
-                            label=None if (ax is not None and fin) else group_label(g), **style)
-    if ax is not None:
-        if log_x:
-            ax.set_xscale("log")
-        if finite_x:
-            ax.set_xticks(finite_x)
-            ax.set_xticklabels([f"{v:g}" for v in finite_x])
-            ax.minorticks_off()
-            lo, hi = finite_x[0], finite_x[-1]
-            ax.set_xlim(lo / 1.4, hi * 1.4) if log_x else None
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-    if ax_inf is not None:
-        ax_inf.set_xlim(-0.5, 0.5)
-        ax_inf.set_xticks([0])
-        ax_inf.set_xticklabels([inf_label])
-        ax_inf.grid(True, axis="y", alpha=0.3)
-        if ax is None:
-            ax_inf.set_ylabel(ylabel)
-        else:
-            ax.spines["right"].set_visible(False)
-            ax_inf.spines["left"].set_visible(False)
-            ax_inf.tick_params(axis="y", left=False)
-    legend_ax = ax if ax is not None else ax_inf
-    if groups:
-        handles, labels = [], []
-        for a in (ax, ax_inf):
-            if a is not None:
-                h, lab = a.get_legend_handles_labels()
-                handles += h
-                labels += lab
-        legend_ax.legend(handles, labels, loc="best", fontsize=11)
-    else:
-        legend_ax.text(0.5, 0.5, "no successful runs", ha="center", va="center", transform=legend_ax.transAxes)
-    if title:
-        fig.suptitle(title)
-    with warnings.catch_warnings():  # tight_layout warns about the shared-y panel pair; the result is fine
-        warnings.simplefilter("ignore")
-        fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
 
 
 def rewrite_outputs(out: Path | None, write: Callable[[Path], list], names: Sequence[str]) -> int:

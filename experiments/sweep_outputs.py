@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import results as res
+from experiments.plots import plot_curves
 from experiments.sweep_config import METHODS
 
 __all__ = ["COLUMNS", "CSV_NAME", "PLOT_NAME", "SUMMARY_NAME", "difference_table", "randomness_notes",
@@ -102,7 +103,7 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
     if failed:
         lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]
     (out / SUMMARY_NAME).write_text("\n".join(lines))
-    res.plot_curves(out / PLOT_NAME, rows, x="target_epsilon", y="accuracy", group="label", group_order=order,
+    plot_curves(out / PLOT_NAME, rows, x="target_epsilon", y="accuracy", group="label", group_order=order,
                     xlabel="target ε (log scale)", ylabel="test accuracy (%)", scale=100,
                     title=f"Privacy-utility trade-off ({one('dataset')}, N = {one('n_train')}, "
                           + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"),

@@ -18,6 +18,7 @@ import torch
 
 import accounting
 from experiments import results as res
+from experiments.plots import plot_curves
 from dp_taft.privacy.checkpoint import discard_keys
 from experiments import sweep, sweep_config, sweep_outputs
 
@@ -57,10 +58,10 @@ def test_markdown_table_and_plot_are_generic(tmp_path):
     assert lines[0] == "| m | 1 | 8 | inf |"
     assert lines[2] == "| A | 60.0 ± 14.1 | — | 90.0 (n=1) |"
     assert lines[3] == "| B | failed | 40.0 (n=1, 1 failed) | — |"
-    png = res.plot_curves(tmp_path / "p.png", rows, x="x", y="acc", group="name", scale=100, xlabel="x", ylabel="y")
+    png = plot_curves(tmp_path / "p.png", rows, x="x", y="acc", group="name", scale=100, xlabel="x", ylabel="y")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     only_inf = [r for r in rows if r["x"] == "inf"]
-    assert res.plot_curves(tmp_path / "q.png", only_inf, x="x", y="acc", group="name").stat().st_size > 0
+    assert plot_curves(tmp_path / "q.png", only_inf, x="x", y="acc", group="name").stat().st_size > 0
 
 
 # --------------------------------------------------------------------------- config
