@@ -1,0 +1,66 @@
+"""The README's closeness and k tables are the published runs in docs/, not numbers typed by hand.
+
+Recomputes the closeness paired differences from docs/closeness/*/results.csv with the
+experiment's own code and compares them, cell by cell, with the README and with
+docs/closeness/summary.md; the README's k table is compared with docs/axes/k-depth/summary.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from experiments import closeness
+from experiments import results as res
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _table(text: str, header: str) -> list[str]:
+    """The rows of the markdown table whose header line is ``header`` (minus signs as '-')."""
+    lines = text.replace("−", "-").splitlines()
+    start = lines.index(header) + 2  # header, then the alignment line
+    return list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+
+
+def _closeness_lines() -> list[str]:
+    grid = closeness.load_grid(closeness.CONFIG, "default")
+    rows = closeness._rows(grid, ROOT / "docs" / "closeness", ROOT / "no-backbones-needed")
+    eps = [res.format_number(float(e)) for e in grid["epsilons"]]
+    return closeness._boundary_lines(closeness.boundary_rows(rows, eps), grid, eps)
+
+
+def test_readme_closeness_differences_are_those_of_the_published_csvs():
+    lines = _closeness_lines()
+    header = next(line for line in lines if line.startswith("| c | N |"))
+    expected = _table("\n".join(lines), header)
+    assert len(expected) == 16  # 4 closeness values × 4 sizes
+    assert _table(README, header) == expected
+
+
+def test_published_closeness_summary_is_its_csvs():
+    summary = (ROOT / "docs" / "closeness" / "summary.md").read_text()
+    for line in _closeness_lines():
+        assert line in summary.splitlines(), line
+
+
+def _k_cells(rows: list[str]) -> dict[str, list[str]]:
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
+
+
+def test_readme_k_table_is_the_published_k_axis():
+    summary = (ROOT / "docs" / "axes" / "k-depth" / "summary.md").read_text()
+    published = _k_cells(_table(summary, "| method | 1 | 2 | 3 | 4 | 5 | 6 |"))
+    published |= _k_cells(_table(summary, "| difference | 1 | 2 | 3 | 4 | 5 | 6 |"))
+    header = next(line for line in README.replace("−", "-").splitlines() if line.startswith("| k | TAFT-k"))
+    readme = _k_cells(_table(README, header))
+    columns = {"TAFT (head first), ε = 3": 0, "NLFT, ε = 3": 1, "TAFT (head first) - NLFT, ε = 3": 2,
+               "TAFT (head first), ∞ (non-private)": 3, "NLFT, ∞ (non-private)": 4,
+               "TAFT (head first) - NLFT, ∞ (non-private)": 5}
+    ran = {str(k) for k in range(1, 7) if any(published[row][k - 1] != "—" for row in columns)}
+    assert set(readme) == ran, "the README's k table must have a row for each k that ran, and only those"
+    for k, cells in readme.items():
+        for row, col in columns.items():
+            value = published[row][int(k) - 1].split(" ")[0]  # "-5.5 (n=1)" -> "-5.5"
+            assert cells[col].removesuffix(" %").split(" ")[0] == value, f"k = {k}, {row}: README {cells[col]!r}"
