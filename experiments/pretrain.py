@@ -148,31 +148,40 @@ def pretrain(
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: _lr_factor(s, warmup=steps_per_epoch, total=total)
             )
-            model.train()
-            start = time.perf_counter()
-            for epoch in range(epochs):
-                order = torch.randperm(n, generator=gen)
-                flips = torch.rand(n, generator=gen) < 0.5
-                loss_sum = 0.0
-                for i in range(0, n, batch_size):
-                    idx = order[i:i + batch_size]
-                    x = images[idx]
-                    x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)
-                    loss = F.cross_entropy(model(x), labels[idx], label_smoothing=label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    sched.step()
-                    loss_sum += float(loss.detach()) * len(idx)
-                log(f"epoch {epoch + 1}/{epochs}  train loss {loss_sum / n:.4f}  "
-                    f"elapsed {time.perf_counter() - start:.0f} s")
+            _train_epochs(model, opt, sched, images, labels, gen, epochs=epochs, batch_size=batch_size,
+                          label_smoothing=label_smoothing, log=log)
             acc = evaluate(model, TensorDataset(*(t[:max_test] for t in test.tensors)))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(was_threads)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     return state, acc
+
+
+def _train_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                  images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, *, epochs: int,
+                  batch_size: int, label_smoothing: float, log: Callable[[str], None]) -> None:
+    """``epochs`` passes over (images, labels) in ``gen``'s order, each image flipped left-right
+    with probability 1/2, gradient norm clipped to 1; logs the mean training loss per epoch."""
+    n = len(labels)
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5
+        loss_sum = 0.0
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            x = images[idx]
+            x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)
+            loss = F.cross_entropy(model(x), labels[idx], label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+        log(f"epoch {epoch + 1}/{epochs}  train loss {loss_sum / n:.4f}  elapsed {time.perf_counter() - start:.0f} s")
 
 
 def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
