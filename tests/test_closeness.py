@@ -126,3 +126,10 @@ def test_smoke_run_resumes(tmp_path):
     assert closeness.main([*argv, "--sizes", "999"]) == 2  # outside the grid
     with pytest.raises(ValueError, match="classes or data"):
         pretrain(0, classes=[0, 1], data=closeness.closeness_data(0.01, [128], 0, 0))
+
+
+def test_a_point_outside_the_grid_is_refused_with_the_grid_values(tmp_path, capsys):
+    assert closeness.main(["--fractions", "5", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'fractions': [5.0]" in err and "fractions: 0 0.01 0.05 0.2" in err and "0.05 = 5 %" in err
+    assert not any(tmp_path.iterdir())  # refused before anything ran
