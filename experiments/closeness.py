@@ -367,8 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     outside = {k: sorted(set(v) - set(grid[k])) for k, v in part.items() if set(v) - set(grid[k])}
     if outside:
         grid_values = "; ".join(f"{k}: {' '.join(f'{v:g}' for v in grid[k])}" for k in outside)
-        print(f"error: not in the grid of {args.config} [{args.profile}]: {outside}; its values are {grid_values} "
-              "(fractions are shares, 0.05 = 5 %)", file=sys.stderr)
+        shares = " (fractions are shares: 0.05 = 5 %)" if "fractions" in outside else ""
+        print(f"error: not in the grid of {args.config} [{args.profile}]: {outside}; its values are "
+              f"{grid_values}{shares}", file=sys.stderr)
         return 2
     code = 0
     for c in [] if args.report_only else part["fractions"]:

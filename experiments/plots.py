@@ -54,13 +54,18 @@ def plot_curves(
     groups = [g for g in groups if any(k[0] == g for k in stats)]
     finite_x = sorted({res.to_float(k[1]) for k in stats if math.isfinite(res.to_float(k[1]))})
     has_inf = any(math.isinf(res.to_float(k[1])) for k in stats)
+    spellings: dict[tuple[str, float], str] = {}
+    for g, xv in stats:  # "1" and "1.0" are one point: refuse rather than draw one of them and drop the other
+        if spellings.setdefault((g, res.to_float(xv)), xv) != xv:
+            raise ValueError(f"group {g!r} has x = {spellings[(g, res.to_float(xv))]!r} and {xv!r}, the same "
+                             f"number written twice: write each {x} one way in the rows")
 
     plt.rcParams.update({"font.size": 12})
     fig, ax, ax_inf = _panels(plt, bool(finite_x), has_inf)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, g in enumerate(groups):
-        style = dict(color=colors[i % len(colors)], marker=_MARKERS[i % len(_MARKERS)], capsize=4, markersize=7,
-                     linewidth=2, elinewidth=1.5)
+        style = {"color": colors[i % len(colors)], "marker": _MARKERS[i % len(_MARKERS)], "capsize": 4,
+                 "markersize": 7, "linewidth": 2, "elinewidth": 1.5}
         offset = (i - (len(groups) - 1) / 2) * 0.12
         _draw_group(ax, ax_inf, {res.to_float(k[1]): s for k, s in stats.items() if k[0] == g}, scale,
                     group_label(g), offset, style)

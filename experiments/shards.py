@@ -63,10 +63,10 @@ from dp_taft.privacy.distributed import current as distributed_comm
 from dp_taft.shards import ShardAssignment, content_ids, fit_shards
 from dp_taft.train import evaluate
 from experiments import results as res
-from experiments.plots import plot_curves
 from experiments import sweep as sw
 from experiments import sweep_config as sc
 from experiments.config import read_profiled
+from experiments.plots import plot_curves
 from experiments.shards_privacy import partition_key, privacy_columns, save_partition_key
 from experiments.sweep_outputs import randomness_notes
 from experiments.task import Task, build_task, default_task_args
@@ -263,9 +263,9 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]
     (out / SUMMARY_NAME).write_text("\n".join(lines))
     plot_curves(out / PLOT_NAME, rows, x="n_shards", y="accuracy", group="target_epsilon", group_order=eps_order,
-                    group_label=res.epsilon_label, xlabel="number of shards (log scale)", ylabel="test accuracy (%)",
-                    scale=100, title=f"Composed TAFT-{one('k')} shards (N = {one('n_train')}, "
-                    + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"))
+                group_label=res.epsilon_label, xlabel="number of shards (log scale)", ylabel="test accuracy (%)",
+                scale=100, title=f"Composed TAFT-{one('k')} shards (N = {one('n_train')}, "
+                + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"))
     return rows
 
 

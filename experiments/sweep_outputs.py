@@ -104,9 +104,9 @@ def write_outputs(out: Path) -> list[dict[str, str]]:
         lines += ["Failed runs:", ""] + [f"- `{r['run_id']}`: {r['error']}" for r in failed] + [""]
     (out / SUMMARY_NAME).write_text("\n".join(lines))
     plot_curves(out / PLOT_NAME, rows, x="target_epsilon", y="accuracy", group="label", group_order=order,
-                    xlabel="target ε (log scale)", ylabel="test accuracy (%)", scale=100,
-                    title=f"Privacy-utility trade-off ({one('dataset')}, N = {one('n_train')}, "
-                          + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"),
-                    inf_label="∞\n(non-private)")
+                xlabel="target ε (log scale)", ylabel="test accuracy (%)", scale=100,
+                title=f"Privacy-utility trade-off ({one('dataset')}, N = {one('n_train')}, "
+                      + (f"mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else "1 seed)"),
+                inf_label="∞\n(non-private)")
     return rows
 

@@ -6,7 +6,6 @@ Each test launches tests/distributed_job.py with `python -m torch.distributed.ru
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess

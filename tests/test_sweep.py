@@ -62,6 +62,9 @@ def test_markdown_table_and_plot_are_generic(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     only_inf = [r for r in rows if r["x"] == "inf"]
     assert plot_curves(tmp_path / "q.png", only_inf, x="x", y="acc", group="name").stat().st_size > 0
+    twice = rows + [{"name": "A", "x": "1.0", "seed": "2", "acc": "0.6", "status": "ok"}]
+    with pytest.raises(ValueError, match="'1' and '1.0'"):
+        plot_curves(tmp_path / "r.png", twice, x="x", y="acc", group="name")
 
 
 # --------------------------------------------------------------------------- config
