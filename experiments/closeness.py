@@ -43,7 +43,8 @@ from experiments import results as res
 from experiments import sweep_config as sc
 from experiments.config import read_profiled
 
-__all__ = ["CONFIG", "Boundary", "boundary_rows", "closeness_data", "load_grid", "main", "public_sample"]
+__all__ = ["CONFIG", "Boundary", "boundary_lines", "boundary_rows", "closeness_data", "grid_rows", "load_grid", "main",
+           "public_sample"]
 
 CONFIG = Path(__file__).with_name("closeness.toml")
 GRID_KEYS = frozenset({"fractions", "sizes", "epsilons", "methods", "blocks", "seeds", "pretrain_epochs",
@@ -190,7 +191,7 @@ def boundary_rows(rows: Sequence[Mapping[str, str]], epsilons: Sequence[str]) ->
 
 
 # --------------------------------------------------------------------------- outputs
-def _rows(grid: Mapping[str, Any], out: Path, cache_dir: Path) -> list[dict[str, Any]]:
+def grid_rows(grid: Mapping[str, Any], out: Path, cache_dir: Path) -> list[dict[str, Any]]:
     """The counted rows of every point of the grid, with the columns ``point`` ("c|N"), ``c``, ``n``."""
     rows = []
     for c in grid["fractions"]:
@@ -223,8 +224,8 @@ def _backbone_lines(grid: Mapping[str, Any], cache_dir: Path) -> list[str]:
     return lines + [""]
 
 
-def _boundary_lines(found: Mapping[str, tuple[dict[str, res.Difference], Boundary]], grid: Mapping[str, Any],
-                    eps: Sequence[str]) -> list[str]:
+def boundary_lines(found: Mapping[str, tuple[dict[str, res.Difference], Boundary]], grid: Mapping[str, Any],
+                   eps: Sequence[str]) -> list[str]:
     """Markdown: the boundary per (c, N), then every paired difference with its interval."""
     def cell(c: float, n: int, e: str | None) -> str:
         diffs, bound = found.get(_key(c, n), ({}, None))
@@ -248,7 +249,7 @@ def _boundary_lines(found: Mapping[str, tuple[dict[str, res.Difference], Boundar
 
 def write_outputs(grid: Mapping[str, Any], out: Path, cache_dir: Path) -> list[dict[str, Any]]:
     """(Re)write summary.md and boundary.png in ``out`` from the points' results; returns the rows."""
-    rows = _rows(grid, out, cache_dir)
+    rows = grid_rows(grid, out, cache_dir)
     eps = [res.format_number(float(e)) for e in grid["epsilons"]]
     found = boundary_rows(rows, eps)
     lrs = sorted({f"{r['lr']} ({r['name']})" for r in rows if r["target_epsilon"] == "inf"})
@@ -263,7 +264,7 @@ def write_outputs(grid: Mapping[str, Any], out: Path, cache_dir: Path) -> list[d
         f"tuned settings of dp_taft/presets/tuned.toml, at ε = ∞ its [nonprivate.<method>] tables (lr "
         f"{', '.join(lrs) or '—'}).", "",
         "## Backbones", "", *_backbone_lines(grid, cache_dir),
-        "## Where TAFT is ahead", "", *_boundary_lines(found, grid, eps),
+        "## Where TAFT is ahead", "", *boundary_lines(found, grid, eps),
         "## Test accuracy (%), mean ± std over seeds", "",
     ]
     for r in rows:

@@ -115,13 +115,13 @@ def test_smoke_run_resumes(tmp_path):
     argv = ["--profile", "smoke", "--out", str(out), "--cache-dir", str(cache)]
     grid = closeness.load_grid(closeness.CONFIG, "smoke")
     assert closeness.main(argv) == 0
-    rows = closeness._rows(grid, out, cache)
+    rows = closeness.grid_rows(grid, out, cache)
     assert {(r["method"], r["target_epsilon"], r["status"]) for r in rows} == {
         (m, e, "ok") for m in ("taft_head", "nlft") for e in ("1", "inf")}
     state = torch.load(next(cache.glob("closeness_c0.01_*.pt")), weights_only=True)
     assert state["head.weight"].shape[0] == 10  # the pretraining head covers classes 0-9
     assert closeness.main(argv) == 0  # resumed: nothing runs again
-    assert len(closeness._rows(grid, out, cache)) == len(rows)
+    assert len(closeness.grid_rows(grid, out, cache)) == len(rows)
     assert "| 1 % | 300 (" in (out / "summary.md").read_text()
     assert closeness.main([*argv, "--sizes", "999"]) == 2  # outside the grid
     with pytest.raises(ValueError, match="classes or data"):

@@ -31,10 +31,10 @@ def _closeness_lines() -> list[str]:
     grid = closeness.load_grid(closeness.CONFIG, "default")
     # The backbones are not needed: a point's run folder is named by its settings (the tuned presets), not by
     # the checkpoint's path.
-    rows = closeness._rows(grid, ROOT / "docs" / "closeness", ROOT / "no-backbones-needed")
+    rows = closeness.grid_rows(grid, ROOT / "docs" / "closeness", ROOT / "no-backbones-needed")
     assert rows, "no runs found in docs/closeness for the current settings: re-run or re-copy after a retune"
     eps = [res.format_number(float(e)) for e in grid["epsilons"]]
-    return closeness._boundary_lines(closeness.boundary_rows(rows, eps), grid, eps)
+    return closeness.boundary_lines(closeness.boundary_rows(rows, eps), grid, eps)
 
 
 def test_readme_closeness_differences_are_those_of_the_published_csvs():
