@@ -2,8 +2,8 @@
 
 Recomputes the closeness paired differences from docs/closeness/*/results.csv with the
 experiment's own code and compares them, cell by cell, with the README and with
-docs/closeness/summary.md; the README's k table (its accuracy and difference columns, not the
-images/s column, which `experiments.bench_throughput` prints) is compared with
+docs/closeness/summary.md; the README's k table (its seeds, accuracy and difference columns, not
+the images/s column, which `experiments.bench_throughput` prints) is compared with
 docs/axes/k-depth/summary.md. The README's prose around them is not checked here.
 """
 
@@ -57,22 +57,33 @@ def _k_cells(rows: list[str]) -> dict[str, list[str]]:
     return {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)}
 
 
+def _seed_count(cell: str) -> int:
+    """How many seeds a README "seeds" cell names: "0" -> 1, "0-2" -> 3."""
+    first, _, last = cell.partition("-")
+    return int(last or first) - int(first) + 1
+
+
 def test_readme_k_table_is_the_published_k_axis():
     summary = (ROOT / "docs" / "axes" / "k-depth" / "summary.md").read_text()
     published = _k_cells(_table(summary, "| method | 1 | 2 | 3 | 4 | 5 | 6 |"))
     published |= _k_cells(_table(summary, "| difference | 1 | 2 | 3 | 4 | 5 | 6 |"))
-    header = next(line for line in README.replace("−", "-").splitlines() if line.startswith("| k | TAFT-k"))
+    header = next(line for line in README.replace("−", "-").splitlines() if line.startswith("| k | seeds | TAFT-k"))
     readme = _k_cells(_table(README, header))
-    columns = {"TAFT (head first), ε = 3": 0, "NLFT, ε = 3": 1, "TAFT (head first) - NLFT, ε = 3": 2,
-               "TAFT (head first), ∞ (non-private)": 3, "NLFT, ∞ (non-private)": 4,
-               "TAFT (head first) - NLFT, ∞ (non-private)": 5}
+    columns = {"TAFT (head first), ε = 3": 1, "NLFT, ε = 3": 2, "TAFT (head first) - NLFT, ε = 3": 3,
+               "TAFT (head first), ∞ (non-private)": 4, "NLFT, ∞ (non-private)": 5,
+               "TAFT (head first) - NLFT, ∞ (non-private)": 6}
     ran = {str(k) for k in range(1, 7) if any(published[row][k - 1] != "—" for row in columns)}
     assert set(readme) == ran, "the README's k table must have a row for each k that ran, and only those"
     for k, cells in readme.items():
         for row, col in columns.items():
             value = published[row][int(k) - 1].split(" ")[0]  # "-5.5 (n=1)" -> "-5.5"
             shown = cells[col]
-            if value != "—" and col not in (2, 5):  # accuracies are shown as percentages
+            if value != "—" and col not in (3, 6):  # accuracies are shown as percentages
                 assert shown.endswith(" %"), f"k = {k}, {row}: README {shown!r} lacks its unit"
                 shown = shown.removesuffix(" %")
             assert shown.split(" ")[0] == value, f"k = {k}, {row}: README {cells[col]!r}"
+            if col in (3, 6):  # the differences say how many seeds were paired: "(n=3)"
+                pairs = published[row][int(k) - 1].rsplit("(n=", 1)[1].rstrip(")")
+                assert _seed_count(cells[0]) == int(pairs), f"k = {k}: README seeds {cells[0]!r}, pairs {pairs}"
+                if int(pairs) > 1:  # and the interval is shown with the mean
+                    assert cells[col] == published[row][int(k) - 1].rsplit(" (n=", 1)[0], f"k = {k}, {row}"
