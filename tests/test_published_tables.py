@@ -76,14 +76,14 @@ def test_readme_k_table_is_the_published_k_axis():
     assert set(readme) == ran, "the README's k table must have a row for each k that ran, and only those"
     for k, cells in readme.items():
         for row, col in columns.items():
-            value = published[row][int(k) - 1].split(" ")[0]  # "-5.5 (n=1)" -> "-5.5"
-            shown = cells[col]
-            if value != "—" and col not in (3, 6):  # accuracies are shown as percentages
+            cell = published[row][int(k) - 1]  # e.g. "81.2 (n=1)", "-6.3 [-8.0, -4.6] (n=3)", "—"
+            value, shown, difference = cell.split(" ")[0], cells[col], " - NLFT" in row
+            if value != "—" and not difference:  # accuracies are shown as percentages
                 assert shown.endswith(" %"), f"k = {k}, {row}: README {shown!r} lacks its unit"
                 shown = shown.removesuffix(" %")
             assert shown.split(" ")[0] == value, f"k = {k}, {row}: README {cells[col]!r}"
-            if col in (3, 6):  # the differences say how many seeds were paired: "(n=3)"
-                pairs = published[row][int(k) - 1].rsplit("(n=", 1)[1].rstrip(")")
-                assert _seed_count(cells[0]) == int(pairs), f"k = {k}: README seeds {cells[0]!r}, pairs {pairs}"
-                if int(pairs) > 1:  # and the interval is shown with the mean
-                    assert cells[col] == published[row][int(k) - 1].rsplit(" (n=", 1)[0], f"k = {k}, {row}"
+            if difference and value != "—":  # the differences say how many seeds were paired: "(n=3)"
+                pairs = int(cell.rsplit("(n=", 1)[1].rstrip(")"))
+                assert _seed_count(cells[0]) == pairs, f"k = {k}: README seeds {cells[0]!r}, pairs {pairs}"
+                if pairs > 1:  # and the interval is shown with the mean
+                    assert cells[col] == cell.rsplit(" (n=", 1)[0], f"k = {k}, {row}"
